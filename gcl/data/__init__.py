@@ -1,0 +1,1 @@
+"""Data: the synthetic catalog, table -> shard preparation, and the streaming pipeline."""
