@@ -1,0 +1,284 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore, and ``validate(cfg)``.
+
+Hydra merges each group's YAML into these dataclasses, so an unknown key or a wrong type fails at compose
+time with the key named. ``validate`` adds the cross-field rules and runs before any model is built.
+Defaults live in the YAML files under ``conf/``; the dataclass defaults here only give types.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from gcl.eval.schema import EvalConfig
+
+
+class ConfigError(ValueError):
+    """A config value or combination that cannot work; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # open_clip name | hf-hub:org/repo | local-dir:PATH
+    pretrained: Optional[str] = None  # open_clip tag or a checkpoint file
+    config_path: Optional[str] = None  # a user open_clip model config JSON to register
+    checkpoint: Optional[str] = None  # evaluate.py: a run dir, checkpoint file or export dir
+    precision: str = "fp32"  # weights dtype: fp32 | bf16 | fp16 (mixed precision is trainer.mixed_precision)
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn: bool = True
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = True
+    grad_checkpointing: bool = False
+    compile: bool = False
+    logit_bias_init: Optional[float] = None  # sigmoid loss on a model without logit_bias: init value
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class SyntheticConfig:
+    products: int = 4000
+    seed: int = 0
+    image_size: int = 64
+    cache_dir: str = MISSING
+
+
+@dataclass
+class DataConfig:
+    train_shards: Optional[Any] = None  # pattern | list of patterns; null -> the synthetic catalog
+    val_shards: Optional[str] = None
+    test_shards: Optional[str] = None
+    source_weights: Optional[list[float]] = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    batch_size: int = 32
+    num_workers: int = 2
+    resampled: bool = False
+    shuffle_buffer: int = 1000
+    list_rule: str = "join"  # join | sample
+    list_sep: str = ", "
+    context_length: dict[str, int] = field(default_factory=dict)  # per text field max tokens
+    default_context_length: int = 77
+
+
+@dataclass
+class SideConfig:
+    fields: list[str] = MISSING
+    weights: list[float] = field(default_factory=list)  # empty -> equal weights
+
+
+@dataclass
+class TermConfig:
+    name: str = MISSING
+    left: SideConfig = field(default_factory=SideConfig)
+    right: SideConfig = field(default_factory=SideConfig)
+    weight: float = 1.0
+    score_to_weight: str = "none"  # none | linear | reciprocal
+    score_field: str = "score"  # score | position
+    normalize_weights: bool = True
+
+
+@dataclass
+class LossConfig:
+    kind: str = "clip"  # clip | siglip
+    duplicates: bool = True
+    terms: list[TermConfig] = MISSING
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    lr_image: Optional[float] = None
+    lr_text: Optional[float] = None
+    fused: Optional[bool] = None
+    grad_clip: Optional[float] = 1.0
+    logit_scale_max: Optional[float] = 100.0  # clamp exp(logit_scale) <= this (never below a pretrained init)
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"  # cosine | constant | const_cooldown
+    warmup_steps: int = 0
+    cooldown_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    accum_steps: int = 1
+    eval_every: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    resume: Optional[str] = None  # auto | PATH | null
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
+    log_every: int = 10
+    max_nonfinite: int = 5
+    best_metric: Optional[str] = None
+    best_mode: str = "max"
+    deterministic: bool = False
+    threads: Optional[int] = None
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "gcl"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    dir: str = "export"  # relative to the run dir unless absolute
+    which: str = "latest"  # latest | best
+    push_to: Optional[str] = None
+    private: bool = True
+    overwrite: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"
+    out_dir: Optional[str] = None  # default: the Hydra run dir
+
+
+def register() -> None:
+    """Register the schemas; the YAML defaults lists name them (``train_schema``, ``evaluate_schema``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+
+
+register()
+
+# ---------------------------------------------------------------------------------------------- validate
+
+IMAGE = "image"
+KINDS = ("clip", "siglip")
+SCORE_TO_WEIGHT = ("none", "linear", "reciprocal")
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"{key}: {msg}")
+
+
+def data_fields(cfg: DictConfig) -> set[str] | None:
+    """Fields the data provides, when knowable before reading data (the synthetic catalog); else None."""
+    if cfg.data.train_shards is None:
+        from gcl.data.schema import TEXT_FIELDS
+
+        return {IMAGE, *TEXT_FIELDS, "query", "category", "subcategory", "color", "material", "item_id"}
+    return None
+
+
+def validate_loss(loss: DictConfig, provided: set[str] | None) -> None:
+    if loss.kind not in KINDS:
+        _fail("loss.kind", f"{loss.kind!r} is not one of {KINDS}")
+    if not loss.terms:
+        _fail("loss.terms", "at least one term is needed")
+    names = set()
+    for i, t in enumerate(loss.terms):
+        key = f"loss.terms[{i}]"
+        if t.name in names:
+            _fail(f"{key}.name", f"duplicate term name {t.name!r}")
+        names.add(t.name)
+        if t.weight < 0:
+            _fail(f"{key}.weight", f"must be >= 0, got {t.weight}")
+        if t.score_to_weight not in SCORE_TO_WEIGHT:
+            _fail(f"{key}.score_to_weight", f"{t.score_to_weight!r} is not one of {SCORE_TO_WEIGHT}")
+        if t.score_to_weight != "none" and t.score_field not in ("score", "position"):
+            _fail(f"{key}.score_field", f"must be score or position, got {t.score_field!r}")
+        for side in ("left", "right"):
+            s = t[side]
+            if not s.fields:
+                _fail(f"{key}.{side}.fields", "a side needs at least one field")
+            if s.weights and len(s.weights) != len(s.fields):
+                _fail(f"{key}.{side}.weights", f"{len(s.weights)} weights for {len(s.fields)} fields "
+                      f"{list(s.fields)}; give one weight per field or none (equal weights)")
+            if any(w < 0 for w in s.weights):
+                _fail(f"{key}.{side}.weights", "weights must be >= 0")
+            if provided is not None:
+                for f in s.fields:
+                    if f not in provided:
+                        _fail(f"{key}.{side}.fields", f"field {f!r} is not provided by the data "
+                              f"(available: {sorted(provided)}); fix the loss preset or the data")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field rules; raise ConfigError naming the key and the fix. Call before building anything."""
+    t = cfg.trainer
+    if t.max_steps < 1:
+        _fail("trainer.max_steps", f"must be >= 1, got {t.max_steps}")
+    for k in ("eval_every", "save_every"):
+        if t[k] < 0:
+            _fail(f"trainer.{k}", f"must be >= 0 (0 disables), got {t[k]}")
+    if t.accum_steps < 1:
+        _fail("trainer.accum_steps", f"must be >= 1, got {t.accum_steps}")
+    if cfg.data.batch_size % t.accum_steps:
+        _fail("data.batch_size", f"{cfg.data.batch_size} must be divisible by trainer.accum_steps="
+              f"{t.accum_steps} (data.batch_size is the per-rank batch of one optimizer step)")
+    if t.device not in ("auto", "cpu", "cuda"):
+        _fail("trainer.device", f"{t.device!r} is not one of auto, cpu, cuda")
+    if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        _fail("trainer.mixed_precision", f"{t.mixed_precision!r} is not one of auto, no, bf16, fp16")
+    if t.best_mode not in ("max", "min"):
+        _fail("trainer.best_mode", f"{t.best_mode!r} is not max or min")
+    if t.resume not in (None, "auto") and not str(t.resume):
+        _fail("trainer.resume", "use auto, a path, or null")
+    if cfg.data.list_rule not in ("join", "sample"):
+        _fail("data.list_rule", f"{cfg.data.list_rule!r} is not join or sample")
+    if cfg.data.batch_size < 1:
+        _fail("data.batch_size", "must be >= 1")
+    if cfg.data.source_weights is not None:
+        shards = cfg.data.train_shards
+        n = len(shards) if OmegaConf.is_list(shards) else 1
+        if len(cfg.data.source_weights) != n:
+            _fail("data.source_weights", f"{len(cfg.data.source_weights)} weights for {n} train sources")
+    for f, n in cfg.data.context_length.items():
+        if n < 2:
+            _fail(f"data.context_length.{f}", f"must be >= 2 tokens (start + end), got {n}")
+    validate_loss(cfg.loss, data_fields(cfg))
+    if cfg.sched.name == "const_cooldown" and not 0 < cfg.sched.cooldown_steps <= t.max_steps:
+        _fail("sched.cooldown_steps", f"must be in (0, trainer.max_steps={t.max_steps}] for const_cooldown")
+    if cfg.sched.warmup_steps < 0:
+        _fail("sched.warmup_steps", "must be >= 0")
+    if cfg.export.which not in ("latest", "best"):
+        _fail("export.which", f"{cfg.export.which!r} is not latest or best")
+    if cfg.export.which == "best" and not t.best_metric:
+        _fail("export.which", "best needs trainer.best_metric (and trainer.eval_every > 0)")
+    if t.best_metric and not cfg.eval.tasks:
+        _fail("trainer.best_metric", "needs eval tasks (eval=...)")
+    if t.best_metric and t.eval_every == 0:
+        _fail("trainer.best_metric", "needs trainer.eval_every > 0 to pick a best checkpoint during training")

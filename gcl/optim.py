@@ -1,0 +1,111 @@
+"""Optimizer (AdamW with parameter groups) and learning-rate schedules (groups ``optim`` and ``sched``)."""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_NO_DECAY_NAMES = ("logit_scale", "logit_bias", "positional_embedding", "class_embedding", "cls_token", "pos_embed")
+
+
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    """Norm weights, biases, logit scale/bias and embeddings-as-parameters are not weight-decayed."""
+    return p.ndim < 2 or name.endswith(".bias") or any(k in name for k in _NO_DECAY_NAMES)
+
+
+def _tower(name: str) -> str:
+    if name.startswith("visual."):
+        return "image"
+    if name in ("logit_scale", "logit_bias"):
+        return "scale"
+    return "text"
+
+
+def build_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.2,
+    betas: tuple[float, float] = (0.9, 0.98),
+    eps: float = 1e-6,
+    lr_image: float | None = None,
+    lr_text: float | None = None,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, grouped by (tower, decay).
+
+    Groups without decay: parameters with ndim < 2, biases, logit_scale/logit_bias, positional/class
+    embeddings. ``lr_image``/``lr_text`` override ``lr`` for the image (``visual.*``) and text towers;
+    logit_scale/bias use ``lr``. ``fused=None`` picks the fused kernel when every parameter is on CUDA.
+    """
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        groups.setdefault((_tower(name), _no_decay(name, p)), []).append(p)
+    if not groups:
+        raise ValueError("no trainable parameters: every tower is locked (check model.lock_image/lock_text)")
+    tower_lr = {"image": lr if lr_image is None else lr_image, "text": lr if lr_text is None else lr_text,
+                "scale": lr}
+    param_groups = [
+        {"params": ps, "lr": tower_lr[tower], "weight_decay": 0.0 if nd else weight_decay,
+         "name": f"{tower}{'_no_decay' if nd else ''}"}
+        for (tower, nd), ps in sorted(groups.items())
+    ]
+    if fused is None:
+        fused = all(p.is_cuda for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+def _cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _constant(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    return (step + 1) / warmup if step < warmup else 1.0
+
+
+def _const_cooldown(step: int, warmup: int, total: int, min_ratio: float, cooldown: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    start = total - cooldown
+    if step < start:
+        return 1.0
+    # linear decay to min_ratio over the last `cooldown` steps
+    progress = min(1.0, (step - start + 1) / max(1, cooldown))
+    return 1.0 - (1.0 - min_ratio) * progress
+
+
+SCHEDULES = ("cosine", "constant", "const_cooldown")
+
+
+def lr_factor(name: str, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,
+              cooldown_steps: int = 0) -> Callable[[int], float]:
+    """The multiplier of the base lr at optimizer step ``s`` (0-based) for schedule ``name``."""
+    if name not in SCHEDULES:
+        raise ValueError(f"sched.name={name!r} is not one of {SCHEDULES}")
+    if name == "const_cooldown":
+        if not 0 < cooldown_steps <= total_steps:
+            raise ValueError(f"sched.cooldown_steps must be in (0, trainer.max_steps={total_steps}], "
+                             f"got {cooldown_steps}")
+        return partial(_const_cooldown, warmup=warmup_steps, total=total_steps, min_ratio=min_lr_ratio,
+                       cooldown=cooldown_steps)
+    fn = _cosine if name == "cosine" else _constant
+    return partial(fn, warmup=warmup_steps, total=total_steps, min_ratio=min_lr_ratio)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, warmup_steps: int, total_steps: int,
+                    min_lr_ratio: float = 0.0, cooldown_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepping once per optimizer step; its state_dict holds the position for resume."""
+    fn = lr_factor(name, warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio,
+                   cooldown_steps=cooldown_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -1,0 +1,495 @@
+"""The training loop: setup / train_step / evaluate / save. One recipe for 1..N processes.
+
+Reading order: :func:`run` (entry) -> :meth:`Trainer.fit` (loop) -> :meth:`Trainer.train_step` (forward, loss,
+backward, optimizer step) -> :class:`gcl.loss.GCLLoss`.
+
+Distributed runs (``torchrun`` / ``accelerate launch``) use accelerate for process-group setup, device placement,
+mixed precision and DDP. Only rank 0 writes logs, checkpoints and exports.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from gcl import config as gcl_config
+from gcl.checkpoint import CheckpointManager, find_checkpoint, load_checkpoint, rng_state, set_rng_state
+from gcl.log import RunLogger, Throughput
+
+log = logging.getLogger(__name__)
+
+META_KEYS = ("present", "text_id", "item_id", "score", "position")
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested dicts/lists to ``device``; other values pass through."""
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, list):
+        return [to_device(v, device) for v in x]
+    return x
+
+
+def slice_batch(x: Any, sl: slice) -> Any:
+    """The rows ``sl`` of every tensor/list in a batch (nested dicts kept; scalars and counters as they are)."""
+    if isinstance(x, Tensor) and x.ndim > 0:
+        return x[sl]
+    if isinstance(x, dict):
+        return {k: (v if k == "skipped" else slice_batch(v, sl)) for k, v in x.items()}
+    if isinstance(x, list):
+        return x[sl]
+    return x
+
+
+class _Forward(nn.Module):
+    """What DDP wraps: the field encoder plus the logit scale/bias, so every trainable parameter is reached
+    through DDP's forward and its gradient is averaged by DDP's reducer."""
+
+    def __init__(self, encoder: nn.Module, model: nn.Module, fields: list[str]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.model = model
+        self.fields = fields
+
+    def forward(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+        feats = self.encoder(batch, self.fields)
+        return feats, self.model.logit_scale, getattr(self.model, "logit_bias", None)
+
+
+class _RngReplay:
+    """Captures the torch RNG state so a micro-batch forward can be replayed identically (dropout etc.)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.device = device
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        with torch.random.fork_rng(devices=[self.device] if self.cuda is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits cleanly.
+
+    A second SIGINT falls back to the default handler (immediate KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, Any] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, old)
+
+
+class Trainer:
+    """Builds everything from a validated cfg, then :meth:`fit` runs the loop."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from gcl.data.stream import build_train_stream
+        from gcl.loss import build_loss
+        from gcl.model import FieldEncoder, build_model
+        from gcl.optim import build_optimizer, build_scheduler
+
+        self.cfg = cfg
+        t = cfg.trainer
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        use_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+        if t.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto")
+        mp = t.mixed_precision
+        if mp == "auto":
+            mp = "no" if use_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp)
+        acc = self.accelerator
+        self.rank, self.world_size = acc.process_index, acc.num_processes
+        self.is_main = acc.is_main_process
+        self.run_dir = Path(_gather_objects(str(run_dir))[0])  # rank 0's Hydra dir for every rank
+        set_seed(t.seed, device_specific=True)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        m = cfg.model
+        self.loss_fn = build_loss(cfg.loss.kind, OmegaConf.to_container(cfg.loss.terms, resolve=True),
+                                  cfg.loss.duplicates)
+        self.bundle = build_model(
+            m.name, m.pretrained, config_path=m.config_path, precision=m.precision, device=acc.device,
+            lock_image=m.lock_image, lock_image_unlocked_groups=m.lock_image_unlocked_groups,
+            lock_image_freeze_bn=m.lock_image_freeze_bn, lock_text=m.lock_text,
+            lock_text_unlocked_layers=m.lock_text_unlocked_layers,
+            lock_text_freeze_layer_norm=m.lock_text_freeze_layer_norm, grad_checkpointing=m.grad_checkpointing,
+            compile=m.compile,
+            logit_bias_init=(m.logit_bias_init if m.logit_bias_init is not None else -10.0)
+            if cfg.loss.kind == "siglip" else None,
+            cache_dir=m.cache_dir)
+        model = self.bundle.model
+        self.model = model
+        self.fields = sorted(self.loss_fn.fields)
+        encoder = FieldEncoder(model, real_length=self.bundle.real_length, pad_id=self.bundle.pad_id,
+                               context_length=self.bundle.context_length)
+        # exp(logit_scale) is clamped to logit_scale_max, but never below a pretrained scale (SigLIP ~ 110).
+        init_scale = float(model.logit_scale.detach())
+        cap = cfg.optim.logit_scale_max
+        self.logit_scale_ceiling = math.inf if cap is None else max(math.log(cap), init_scale)
+        if cap is not None and init_scale > math.log(cap):
+            log.warning("initial logit scale exp(%.3f) exceeds optim.logit_scale_max=%s; clamping at the initial "
+                        "value instead", init_scale, cap)
+
+        o = cfg.optim
+        optimizer = build_optimizer(model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
+                                    lr_image=o.lr_image, lr_text=o.lr_text, fused=o.fused)
+        s = cfg.sched
+        self.scheduler = build_scheduler(optimizer, name=s.name, warmup_steps=s.warmup_steps,
+                                         total_steps=t.max_steps, min_lr_ratio=s.min_lr_ratio,
+                                         cooldown_steps=s.cooldown_steps)
+        self.forward_module, self.optimizer = acc.prepare(_Forward(encoder, model, self.fields), optimizer)
+
+        d = cfg.data
+        from gcl.data import resolve_splits
+
+        self.splits = resolve_splits(d)
+        ctx = {f: min(d.context_length.get(f, d.default_context_length), self.bundle.context_length)
+               for f in self.fields if f != "image"}
+        self.stream = build_train_stream(
+            self.splits["train"], tokenizer=self.bundle.tokenizer, context_length=ctx,
+            image_transform=self.bundle.preprocess_train, batch_size=d.batch_size,
+            fields=[f for f in self.fields if f != "image"], num_workers=d.num_workers, seed=t.seed,
+            resampled=d.resampled, source_weights=list(d.source_weights) if d.source_weights else None,
+            shuffle_buffer=d.shuffle_buffer, list_rule=d.list_rule, list_sep=d.list_sep, rank=self.rank,
+            world_size=self.world_size)
+
+        self.evaluator = None
+        if cfg.eval.tasks and (t.eval_every > 0 or t.best_metric):
+            from gcl.eval.run import build_evaluator
+
+            self.evaluator = build_evaluator(cfg.eval, splits=self.splits, data_cfg=d)
+
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.best: float | None = None
+        self.last_eval: dict[str, float] = {}
+        self._resume()
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly; RNG and data position are per rank (gathered)."""
+        acc = self.accelerator
+        per_rank = _gather_objects({"rng": rng_state(), "data": self.stream.state_dict()})
+        b = self.bundle
+        scaler = getattr(acc, "scaler", None)
+        return {
+            "model": acc.unwrap_model(self.forward_module).model.state_dict(),
+            "model_info": {"name": b.name, "pretrained": b.pretrained, "config_path": self.cfg.model.config_path,
+                           "model_cfg": b.model_cfg, "preprocess_cfg": b.preprocess_cfg},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "step": self.step,
+            "world_size": self.world_size,
+            "per_rank": per_rank,
+            "counters": {"nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak},
+            "best": self.best,
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+        }
+
+    def _resume(self) -> None:
+        r = self.cfg.trainer.resume
+        if r is None:
+            return
+        path = find_checkpoint(self.run_dir, missing_ok=True) if r == "auto" else find_checkpoint(r)
+        if path is None:
+            log.info("trainer.resume=auto: no checkpoint in %s yet, starting from step 0", self.run_dir)
+            return
+        state = load_checkpoint(path, map_location="cpu")
+        if state["world_size"] != self.world_size:
+            raise RuntimeError(
+                f"checkpoint {path} was written by {state['world_size']} processes, this run has "
+                f"{self.world_size}: exact resume needs the same world size (each rank's data position is saved). "
+                "Relaunch with the same number of processes, or start fresh from its weights with "
+                f"model.pretrained={path} trainer.resume=null")
+        self.accelerator.unwrap_model(self.forward_module).model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.nonfinite_total = state["counters"]["nonfinite_total"]
+        self.nonfinite_streak = state["counters"]["nonfinite_streak"]
+        self.best = state["best"]
+        mine = state["per_rank"][self.rank]
+        self.stream.load_state_dict(mine["data"])
+        self._resume_rng = mine["rng"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> None:
+        state = self.state_dict()  # collective: every rank takes part
+        if self.is_main:
+            self.ckpt.save(state, self.step)
+        self.accelerator.wait_for_everyone()
+
+    # -------------------------------------------------------------------------------------------- step
+    def _meta(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: batch[k] for k in META_KEYS if k in batch}
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Forward, loss, backward and optimizer step on one (per-rank) batch; returns detached metrics.
+
+        With ``trainer.accum_steps = k > 1`` the batch is split into k micro-batches and the contrastive loss is
+        still computed over the whole batch (GradCache): features of every micro-batch are computed without a
+        graph, the loss and its gradients w.r.t. those features and logit_scale/bias are computed once, then each
+        micro-batch is re-run with a graph and backpropagated with its slice of the feature gradients. Tower and
+        logit_scale gradients equal those of one big batch (OpenCLIP's accumulation scales logit_scale k times).
+        """
+        acc, fwd = self.accelerator, self.forward_module
+        k = self.cfg.trainer.accum_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        if k == 1:
+            with acc.autocast():
+                feats, scale, bias = fwd(batch)
+                out = self.loss_fn(feats, self._meta(batch), scale, bias)
+            acc.backward(out["loss"])
+        else:
+            n = batch["image"].shape[0]
+            bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+            micro = [slice_batch(batch, slice(a, b)) for a, b in bounds]
+            plain = acc.unwrap_model(fwd)
+            rngs, cached = [], []
+            with torch.no_grad():
+                for mb in micro:
+                    rngs.append(_RngReplay(acc.device))
+                    with acc.autocast():
+                        f, scale, bias = plain(mb)
+                    cached.append(f)
+            leaves = {name: torch.cat([c[name] for c in cached]).detach().requires_grad_() for name in cached[0]}
+            scale_leaf = scale.detach().requires_grad_()
+            bias_leaf = bias.detach().requires_grad_() if bias is not None else None
+            with acc.autocast():
+                out = self.loss_fn(leaves, self._meta(batch), scale_leaf, bias_leaf)
+            acc.backward(out["loss"])
+            for i, (mb, (a, b)) in enumerate(zip(micro, bounds)):
+                last = i == k - 1
+                sync = contextlib.nullcontext() if last else acc.no_sync(fwd)
+                with sync, rngs[i].replay():
+                    with acc.autocast():
+                        f, s, bb = fwd(mb)
+                    outs, grads = [], []
+                    for name, t in f.items():
+                        g = leaves[name].grad
+                        if t.requires_grad and g is not None:
+                            outs.append(t)
+                            grads.append(g[a:b])
+                    if last:  # logit scale/bias gradients enter once, through DDP's forward
+                        for t, leaf in ((s, scale_leaf), (bb, bias_leaf)):
+                            if t is not None and leaf is not None and leaf.grad is not None:
+                                outs.append(t)
+                                grads.append(leaf.grad)
+                    torch.autograd.backward(outs, grads)
+
+        metrics = {name: v.detach() for name, v in out.items()}
+        finite = torch.isfinite(metrics["loss"]).to(torch.float32).reshape(1)
+        all_finite = bool(_all_reduce_sum(finite.clone()).item() == self.world_size)
+        grad_clip = self.cfg.optim.grad_clip
+        if all_finite:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if grad_clip:
+                metrics["grad_norm"] = acc.clip_grad_norm_(params, grad_clip).detach()
+            self.optimizer.step()
+            self.nonfinite_streak = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(max=self.logit_scale_ceiling)
+        metrics["nonfinite_skipped"] = torch.tensor(float(not all_finite))
+        return metrics
+
+    # -------------------------------------------------------------------------------------------- eval
+    def evaluate(self) -> dict[str, float]:
+        if self.evaluator is None:
+            return {}
+        model = self.accelerator.unwrap_model(self.forward_module)
+        was_training = model.training
+        model.eval()
+        try:
+            metrics = self.evaluator(model.encoder, self.bundle, step=self.step, out_dir=self.run_dir / "eval",
+                                     rank=self.rank, world_size=self.world_size, device=self.accelerator.device)
+        finally:
+            model.train(was_training)
+        self.last_eval = metrics
+        return metrics
+
+    def _maybe_best(self, metrics: dict[str, float]) -> None:
+        name = self.cfg.trainer.best_metric
+        if not name:
+            return
+        if name not in metrics:
+            raise KeyError(f"trainer.best_metric={name!r} is not among the eval metrics: {sorted(metrics)}")
+        v = metrics[name]
+        better = self.best is None or (v > self.best if self.cfg.trainer.best_mode == "max" else v < self.best)
+        if better:
+            self.best = v
+            state = self.state_dict()
+            if self.is_main:
+                self.ckpt.save_best(state, self.step, name, v)
+
+    # -------------------------------------------------------------------------------------------- loop
+    def fit(self) -> float | None:
+        """Train to ``trainer.max_steps``; returns the best (or last) value of ``trainer.best_metric`` for
+        sweepers, else the last logged loss."""
+        cfg, t, acc = self.cfg, self.cfg.trainer, self.accelerator
+        logger = RunLogger(
+            self.run_dir, is_main=self.is_main, total_steps=t.max_steps, start_step=self.step,
+            progress=cfg.logger.progress, wandb_mode=cfg.logger.wandb.mode, wandb_project=cfg.logger.wandb.project,
+            wandb_entity=cfg.logger.wandb.entity, wandb_name=cfg.logger.wandb.name,
+            wandb_tags=list(cfg.logger.wandb.tags),
+            config=OmegaConf.to_container(cfg, resolve=True) if self.is_main else None)
+        stop = _StopSignal()
+        last_loss: float | None = None
+        try:
+            if self.evaluator is not None and self.step == 0:
+                self._log_eval(logger, self.evaluate())
+            if hasattr(self, "_resume_rng"):
+                set_rng_state(self._resume_rng)  # last: model building and eval above draw random numbers
+            data = iter(self.stream)
+            meter = Throughput()
+            self.model.train()
+            t_start = time.perf_counter()
+            while self.step < t.max_steps:
+                batch = to_device(next(data), acc.device)
+                out = self.train_step(batch)
+                self.step += 1
+                meter.add(batch["image"].shape[0] * self.world_size)
+                if self.nonfinite_streak >= t.max_nonfinite:
+                    raise FloatingPointError(
+                        f"{self.nonfinite_streak} non-finite losses in a row at step {self.step} (limit "
+                        f"trainer.max_nonfinite={t.max_nonfinite}); lower optim.lr, enable optim.grad_clip, or use "
+                        "trainer.mixed_precision=no/bf16 instead of fp16")
+                if self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1:
+                    last_loss = self._log_step(logger, out, batch, meter.rate())
+                else:
+                    logger.progress(self.step)
+                if self.evaluator is not None and t.eval_every and self.step % t.eval_every == 0:
+                    self._log_eval(logger, self.evaluate())
+                if t.save_every and self.step % t.save_every == 0:
+                    self.save()
+                if _all_reduce_sum(torch.tensor([float(stop.received is not None)])).item() > 0:
+                    logger.write(f"received {stop.received or 'a stop signal'}: saving a checkpoint at step "
+                                 f"{self.step} and exiting; resume with trainer.resume=auto")
+                    self.save()
+                    return last_loss
+            if self.evaluator is not None and (not t.eval_every or self.step % t.eval_every):
+                self._log_eval(logger, self.evaluate())
+            if not (t.save_every and self.step % t.save_every == 0):
+                self.save()
+            logger.write(f"done: {self.step} steps in {time.perf_counter() - t_start:.1f}s; run dir {self.run_dir}")
+            if cfg.export.enabled and self.is_main:
+                self._export()
+            acc.wait_for_everyone()
+        finally:
+            stop.restore()
+            logger.close()
+        name = t.best_metric
+        if name:
+            return self.best if self.best is not None else self.last_eval.get(name)
+        return last_loss
+
+    def _log_step(self, logger: RunLogger, out: dict[str, Tensor], batch: dict[str, Any], rate: float) -> float:
+        names = sorted(out)
+        vals = torch.stack([out[n].float().reshape(()) for n in names]).cpu()
+        vals = _all_reduce_sum(vals) / self.world_size  # mean over ranks
+        row: dict[str, Any] = {n: float(v) for n, v in zip(names, vals)}
+        row.update(lr=self.scheduler.get_last_lr()[0], logit_scale=float(self.model.logit_scale.exp()),
+                   samples_per_s=rate, world_size=self.world_size, nonfinite_total=self.nonfinite_total)
+        if getattr(self.model, "logit_bias", None) is not None:
+            row["logit_bias"] = float(self.model.logit_bias)
+        skipped = self.stream.skipped()
+        if skipped:
+            keys = sorted(skipped)
+            tot = _all_reduce_sum(torch.tensor([float(skipped[k]) for k in keys]))
+            row.update({f"skipped/{k}": int(v) for k, v in zip(keys, tot)})
+        else:
+            _all_reduce_sum(torch.zeros(0))  # keep collectives aligned across ranks
+        row["samples_seen"] = self.step * batch["image"].shape[0] * self.world_size
+        logger.log_metrics(row, self.step)
+        logger.progress(self.step, loss=row["loss"], lr=row["lr"], sps=round(rate, 1))
+        return row["loss"]
+
+    def _log_eval(self, logger: RunLogger, metrics: dict[str, float]) -> None:
+        if not metrics:
+            return
+        logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, self.step)
+        head = ", ".join(f"{k}={v:.4f}" for k, v in list(metrics.items())[:6])
+        logger.write(f"eval @ step {self.step}: {head}")
+        self._maybe_best(metrics)
+
+    def _export(self) -> None:
+        from gcl.export import export_model
+
+        e = self.cfg.export
+        out = Path(e.dir) if os.path.isabs(e.dir) else self.run_dir / e.dir
+        path = export_model(self.run_dir, out, which=e.which, overwrite=e.overwrite, push_to=e.push_to,
+                            private=e.private, metrics=self.last_eval or None)
+        log.info("exported to %s", path)
+        logger_msg = (f"exported model: {path}\n  import open_clip\n  model, _, preprocess = "
+                      f"open_clip.create_model_and_transforms('local-dir:{path}')\n  tokenizer = "
+                      f"open_clip.get_tokenizer('local-dir:{path}')")
+        log.info(logger_msg)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Entry point of ``train.py``: validate, build, train. Returns the sweep objective (see Trainer.fit)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    gcl_config.validate(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    return Trainer(cfg, run_dir).fit()
