@@ -123,6 +123,20 @@ class _StopSignal:
                 signal.signal(sig, old)
 
 
+def slurm_to_torch_env(env: dict[str, str] | None = None) -> None:
+    """Under ``srun`` (one task per GPU, e.g. Hydra's submitit launcher) map SLURM's task variables to the
+    ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` that torch.distributed and accelerate read. torchrun's own variables
+    win when present. ``MASTER_ADDR``/``MASTER_PORT`` come from the launcher's setup lines."""
+    env = os.environ if env is None else env
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    env.setdefault("MASTER_PORT", "29500")
+
+
 class Trainer:
     """Builds everything from a validated cfg, then :meth:`fit` runs the loop."""
 
@@ -137,6 +151,7 @@ class Trainer:
 
         self.cfg = cfg
         t = cfg.trainer
+        slurm_to_torch_env()
         if t.threads:
             torch.set_num_threads(t.threads)
         use_cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
