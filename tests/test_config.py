@@ -1,0 +1,106 @@
+"""Config composition and fail-fast validation (before any model is built)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import CONF, FAST, ROOT, compose
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from gcl.config import ConfigError, validate
+
+
+def test_default_config_composes_and_validates():
+    cfg = compose("train")
+    validate(cfg)
+    assert cfg.model.name == "gcl-tiny"
+    assert cfg.loss.kind == "clip" and len(cfg.loss.terms) == 7
+    assert cfg.logger.wandb.mode == "offline"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.nme=x", "nme"),
+    ("trainer.max_step=3", "max_step"),
+    ("data.batchsize=8", "batchsize"),
+])
+def test_typo_in_override_names_the_key(override, key):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)) as e:
+        compose("train", [override])
+    msg = str(e.value) + str(e.value.__cause__)
+    assert key in msg
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises((ConfigCompositionException, ValidationError)) as e:
+        compose("train", ["trainer.max_steps=many"])
+    assert "max_steps" in str(e.value) + str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["loss.terms.0.left.fields=[colour]"], "loss.terms[0].left.fields"),
+    (["loss.terms.0.left.weights=[1.0,2.0]"], "loss.terms[0].left.weights"),
+    (["loss.kind=softmax"], "loss.kind"),
+    (["trainer.accum_steps=3", "data.batch_size=8"], "data.batch_size"),
+    (["trainer.best_metric=x", "trainer.eval_every=0"], "trainer.best_metric"),
+    (["sched=const_cooldown", "trainer.max_steps=10", "sched.cooldown_steps=50"], "sched.cooldown_steps"),
+])
+def test_inconsistent_combinations_fail_naming_the_key(overrides, key):
+    cfg = compose("train", overrides)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert key in str(e.value)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiment_presets_compose_and_validate(name):
+    cfg = compose("train", [f"experiment={name}"])
+    validate(cfg)
+    assert cfg.model.name.startswith("ViT-B-16")
+    assert cfg.model.pretrained
+
+
+def test_experiment_recipes_match_their_papers():
+    clip = compose("train", ["experiment=marqo_fashionclip"])
+    assert (clip.model.name, clip.model.pretrained, clip.loss.kind) == ("ViT-B-16", "laion2b_s34b_b88k", "clip")
+    siglip = compose("train", ["experiment=marqo_fashionsiglip"])
+    assert (siglip.model.name, siglip.model.pretrained, siglip.loss.kind) == ("ViT-B-16-SigLIP", "webli", "siglip")
+    rank = compose("train", ["experiment=gcl_ranking"])
+    (term,) = rank.loss.terms
+    assert list(term.left.fields) == ["query"] and list(term.right.fields) == ["image", "title"]
+    assert list(term.right.weights) == [0.9, 0.1] and term.score_to_weight == "linear"
+
+
+def test_slurm_launcher_and_optuna_sweeper_presets_compose():
+    cfg = compose("train", ["hydra/launcher=slurm", "hydra/sweeper=optuna_max"], return_hydra_config=True)
+    launcher, sweeper = cfg.hydra.launcher, cfg.hydra.sweeper
+    assert "submitit" in launcher._target_ and launcher.gpus_per_node == 8 and launcher.tasks_per_node == 8
+    assert "optuna" in sweeper._target_.lower() and sweeper.direction == "maximize"
+
+
+def test_slurm_env_maps_to_torch_env():
+    from gcl.train import slurm_to_torch_env
+
+    env = {"SLURM_NTASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "8(x2)"}
+    slurm_to_torch_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("9", "16", "1", "8")
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "SLURM_NTASKS": "16", "SLURM_PROCID": "9"}
+    slurm_to_torch_env(torchrun)
+    assert torchrun["RANK"] == "3"  # torchrun's variables win
+
+
+def test_cli_typo_fails_fast_before_building(tmp_path):
+    """The real entry point: a misspelled key exits non-zero naming it, without building a model."""
+    r = subprocess.run([sys.executable, "train.py", *FAST, "trainer.max_stepz=3", f"hydra.run.dir={tmp_path}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "max_stepz" in r.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_inconsistent_loss_field_fails_fast(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", *FAST, "loss.terms.0.left.fields=[colour]",
+                        f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "loss.terms[0].left.fields" in r.stderr and "colour" in r.stderr
