@@ -68,7 +68,7 @@ def test_metrics_jsonl_contract(tmp_path, catalog_cache):
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        for k in ("loss", "lr", "logit_scale", "samples_per_s", "world_size", "loss/title", "loss/colors"):
+        for k in ("loss", "lr", "logit_scale", "samples_per_s", "world_size", "loss/title_image", "loss/colors_image"):
             assert k in r, k
         assert r["world_size"] == 1 and r["samples_per_s"] > 0
     assert (run / "train.log").exists() and (run / ".hydra" / "config.yaml").exists()
@@ -142,4 +142,4 @@ def test_multirun_two_jobs(tmp_path, catalog_cache):
     runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))
     assert len(runs) == 2
     terms = [set(k for k in _metrics(d)[-1] if k.startswith("loss/")) for d in runs]
-    assert {"loss/title"} in terms and any(len(t) == 7 for t in terms)
+    assert {"loss/title_image"} in terms and any(len(t) == 7 for t in terms)
