@@ -32,6 +32,15 @@ def _image(color: tuple[int, ...], size=(8, 6), fmt="JPEG", mode="RGB", exif=Non
     return buf.getvalue()
 
 
+def _half_transparent() -> bytes:
+    """20x10 RGBA PNG: left half opaque red, right half fully transparent (black underneath)."""
+    img = Image.new("RGBA", (20, 10), (0, 0, 0, 0))
+    img.paste((255, 0, 0, 255), (0, 0, 10, 10))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _read_shards(folder: Path) -> dict[str, dict[str, bytes]]:
     """{key: {ext: bytes}} of every shard listed in ``folder/sizes.json``; checks the listed counts."""
     sizes = json.loads((folder / "sizes.json").read_text())
@@ -269,7 +278,7 @@ def test_resize_quality_alpha_and_exif(tmp_path: Path) -> None:
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     data = {
         "big.jpg": _image((200, 10, 10), size=(300, 120)),
-        "clear.png": _image((0, 0, 0, 0), size=(20, 10), fmt="PNG", mode="RGBA"),
+        "clear.png": _half_transparent(),
         "rotated.jpg": _image((50, 60, 70), size=(40, 20), exif=exif.tobytes()),
         "small.gif": _image(3, size=(10, 10), fmt="GIF", mode="P"),
     }
@@ -291,8 +300,11 @@ def test_resize_quality_alpha_and_exif(tmp_path: Path) -> None:
     assert sizes["rotated.jpg"] == (20, 40)  # the EXIF rotation is applied
     assert sizes["clear.png"] == (20, 10)  # never enlarged
     assert sizes["small.gif"] == (10, 10)
-    # A fully transparent cut-out lands on white, not black.
-    assert min(Image.open(io.BytesIO(out["clear.png"]["jpg"])).getpixel((5, 5))) >= 250
+    # A transparent background becomes white, not black; opaque pixels keep their colour.
+    cutout = Image.open(io.BytesIO(out["clear.png"]["jpg"]))
+    assert min(cutout.getpixel((17, 5))) >= 245
+    red = cutout.getpixel((2, 5))
+    assert red[0] >= 240 and red[1] <= 15 and red[2] <= 15
 
     # No options: JPEG/PNG kept as is, the GIF and the EXIF-rotated JPEG re-encoded.
     report = prepare(table, tmp_path / "kept", fields={"title": "title"}, image_column="img", progress=False)
@@ -385,3 +397,19 @@ def test_sanitized_keys_stay_distinct() -> None:
     assert len(set(keys)) == 5
     assert keys[1] == "a_b" and keys[4] == "ok-key_1"
     assert all(check_key(k) == k for k in keys)
+
+
+def test_worker_read_ahead_is_bounded(tmp_path: Path, monkeypatch) -> None:
+    pulled = []
+
+    def _rows(files, fmt, columns):
+        for i in range(100_000):
+            pulled.append(i)
+            yield {"title": "t", "img": "http://x/y.jpg" if i == 0 else "y.jpg"}
+
+    monkeypatch.setattr("gcl.data.prepare._iter_rows", _rows)
+    table = _write_csv(tmp_path / "t.csv", ["title", "img"], [["t", "y.jpg"]])
+    with pytest.raises(PrepareError, match="URL"):
+        prepare(table, tmp_path / "out", fields={"title": "title"}, image_column="img", workers=1,
+                progress=False)
+    assert len(pulled) <= 3 * 32  # two chunks of 32 in flight plus the one being filled, not the table
