@@ -6,8 +6,10 @@ Expected shard contents are written out by hand from the input tables; shards ar
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
+import math
 import socket
 import tarfile
 import time
@@ -392,6 +394,28 @@ def test_worker_processes_give_identical_shards(tmp_path: Path) -> None:
                 assert a.extractfile(member).read() == b.extractfile(member.name).read()
 
 
+def test_folder_of_parquet_files_and_gzipped_tsv(tmp_path: Path) -> None:
+    parts = tmp_path / "data"
+    parts.mkdir()
+    for n in range(2):  # the Hugging Face layout: data/test-0000n-of-00002.parquet
+        pq.write_table(pa.table({"image": [_image((n, 0, 0)), _image((n, 9, 0))], "t": [f"f{n}a", f"f{n}b"]}),
+                       parts / f"test-{n:05d}-of-00002.parquet")
+    (parts / "README.md").write_text("not a table")
+    report = prepare(parts, tmp_path / "out", fields={"title": "t"}, image_column="image", progress=False)
+    out = _read_shards(tmp_path / "out")
+    assert {k: _fields(v)["title"] for k, v in out.items()} == {
+        "000000000": "f0a", "000000001": "f0b", "000000002": "f1a", "000000003": "f1b"}
+    assert report.rows == 4
+
+    (tmp_path / "i.png").write_bytes(_image((1, 2, 3), fmt="PNG"))
+    with gzip.open(tmp_path / "t.tsv.gz", "wt", encoding="utf-8") as fh:
+        fh.write("\ufeffname\tcolors\tpic\nShirt, slim\tred; blue\ti.png\n")  # BOM, as spreadsheets write
+    prepare(tmp_path / "t.tsv.gz", tmp_path / "tsv", fields={"title": "name", "colors": "colors"},
+            image_column="pic", list_sep=";", progress=False)
+    (sample,) = _read_shards(tmp_path / "tsv").values()
+    assert _fields(sample) == {"title": "Shirt, slim", "colors": ["red", "blue"]}
+
+
 def test_sanitized_keys_stay_distinct() -> None:
     keys = [sanitize_key(k) for k in ("a.b", "a_b", "a/b", "a b", "ok-key_1")]
     assert len(set(keys)) == 5
@@ -413,3 +437,51 @@ def test_worker_read_ahead_is_bounded(tmp_path: Path, monkeypatch) -> None:
         prepare(table, tmp_path / "out", fields={"title": "title"}, image_column="img", workers=1,
                 progress=False)
     assert len(pulled) <= 3 * 32  # two chunks of 32 in flight plus the one being filled, not the table
+
+
+def test_round_trip_through_the_eval_loader(tmp_path: Path) -> None:
+    """Table -> prepare -> gcl.data.stream.build_eval_loader gives back the table's values."""
+    import open_clip
+    import torch
+
+    from gcl.data.stream import build_eval_loader
+
+    colors = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (250, 250, 0), (0, 250, 250)]
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({
+        "image": pa.array([{"bytes": _image(c, size=(16, 16)), "path": None} for c in colors], type=struct),
+        "query": ["red dress", "green tee", "blue scarf", "yellow hat", "cyan coat"],
+        "title": ["Dress", "Tee", "Scarf", "Hat", "Coat"],
+        "category": pa.array([["women", "dresses"], ["tops"], None, ["hats"], ["coats"]],
+                             type=pa.list_(pa.string())),
+        "position": [1, 2, None, 4, 5],
+        "item_ID": ["i1", "i2", "i3", "i4", "i5"],
+    }), tmp_path / "eval.parquet")
+    report = prepare(tmp_path / "eval.parquet", tmp_path / "out", key_column="item_ID", per_shard=2,
+                     fields={"query": "query", "title": "title", "categories": "category", "position": "position",
+                             "item_id": "item_ID"},
+                     image_column="image", progress=False)
+
+    def to_tensor(img: Image.Image) -> torch.Tensor:  # FloatTensor[3, 16, 16] in [0, 1]
+        return torch.tensor(list(img.getdata()), dtype=torch.float32).T.reshape(3, 16, 16) / 255
+
+    fields = ["query", "title", "categories"]
+    loader = build_eval_loader(report.shards[""], tokenizer=open_clip.get_tokenizer("ViT-B-32"),
+                               context_length={f: 16 for f in fields}, image_transform=to_tensor,
+                               batch_size=2, fields=fields, num_workers=0)
+    got: dict[str, tuple] = {}
+    for batch in loader:
+        for i, key in enumerate(batch["key"]):
+            got[key] = (batch["text"]["query"][i], batch["text"]["title"][i], batch["text"]["categories"][i],
+                        float(batch["position"][i]), batch["image"][i].mean(dim=(1, 2)))
+    assert loader.skipped == {}
+    assert sorted(got) == ["i1", "i2", "i3", "i4", "i5"]
+    expected = {"i1": ("red dress", "Dress", "women, dresses", 1.0), "i2": ("green tee", "Tee", "tops", 2.0),
+                "i3": ("blue scarf", "Scarf", None, float("nan")), "i4": ("yellow hat", "Hat", "hats", 4.0),
+                "i5": ("cyan coat", "Coat", "coats", 5.0)}
+    for n, key in enumerate(sorted(got)):
+        query, title, cats, position, mean_rgb = got[key]
+        exp = expected[key]
+        assert (query, title, cats) == exp[:3]
+        assert position == exp[3] or (math.isnan(position) and math.isnan(exp[3]))  # NaN where missing
+        assert torch.allclose(mean_rgb, torch.tensor(colors[n], dtype=torch.float32) / 255, atol=0.03)
