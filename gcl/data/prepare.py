@@ -53,6 +53,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gcl.data.schema import stable_hash
 from gcl.data.shards import ShardWriter
@@ -625,7 +626,9 @@ def prepare(
             Path(reject_file).parent.mkdir(parents=True, exist_ok=True)
             reject_fh = open(reject_file, "w", encoding="utf-8")  # closed in finally
         # closing(): a raise below must stop the worker pool now, not whenever the generator is collected.
-        with contextlib.closing(_results(settings, rows, workers)) as results:
+        # logging_redirect_tqdm: skip warnings go above the bar instead of breaking it.
+        with contextlib.closing(_results(settings, rows, workers)) as results, \
+                logging_redirect_tqdm() if progress else contextlib.nullcontext():
             for index, result in enumerate(results):
                 report.rows += 1
                 bar.update(1)
@@ -666,6 +669,7 @@ def prepare(
         _discard(writers)
         raise
     finally:
+        bar.set_postfix(written=len(seen_keys), skipped=sum(skipped.values()), refresh=False)
         bar.close()
         if reject_fh is not None:
             reject_fh.close()
