@@ -18,6 +18,7 @@ from omegaconf import MISSING
 TASK_KINDS = ("retrieval", "zeroshot")
 RELEVANCE_RULES = ("item_id", "field", "graded")
 GRADE_SCALES = ("none", "gcl", "reciprocal")
+QUERY_SAMPLING = ("uniform", "grade")
 
 
 @dataclass
@@ -63,13 +64,15 @@ class TaskConfig:
     image_root: str | None = None  # base folder for relative image paths (default: the table's folder)
     doc_id_column: str | None = None  # graded tasks: the document id column shared by queries and corpus
     query_id_column: str | None = None  # graded tasks: a query id column (default: the query text)
-    max_docs: int = 0  # keep the first N documents (0 = all); a quick smoke-test knob
+    max_docs: int = 0  # keep the first N documents in canonical order (0 = all); a quick smoke-test knob
+    hf_dataset: str | None = None  # where the table comes from (named in the "missing data" error message)
     # --- what is compared ---
     query: EvalSideConfig = field(default_factory=EvalSideConfig)
     doc: EvalSideConfig = field(default_factory=lambda: EvalSideConfig(fields=["image"]))
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
     num_queries: int = 0  # seeded sample of queries (0 = all)
     unique_queries: bool = False  # queries are the unique values of the query field(s) (category-to-product)
+    query_sampling: str = "uniform"  # graded tasks: uniform | grade (weighted by the query's summed grade, GCL)
     k: int = 100  # retrieval depth for the run (metrics at cut-offs above k are truncated at k)
     metrics: list[str] = field(default_factory=lambda: ["recall@1", "recall@10", "mrr@1000", "ndcg@10"])
     # --- zero-shot classification ---
@@ -112,4 +115,7 @@ class EvalConfig:
     chunk_size: int = 8192  # documents scored per matmul block (exact top-k, fp32)
     cache_dir: str | None = None  # embedding cache for standalone evaluation (null = no cache)
     sharded: bool = False  # in-loop: embed documents sharded across ranks + all_gather (else rank 0 only)
+    # Extra per-task metrics, each the mean of listed ones, e.g. {avg_recall: [recall@1, recall@10]}
+    # (Marqo's leaderboard columns AvgRecall / AvgP); computed where all parts exist.
+    means: dict[str, list[str]] = field(default_factory=dict)
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
