@@ -163,11 +163,36 @@ def _dist_world() -> tuple[int, int]:
     return 1, 0
 
 
-def _gather_with_grad(x: Tensor) -> Tensor:
-    """All-gather along dim 0 with gradient flow: the backward sums every rank's gradient for our rows."""
-    import torch.distributed.nn.functional as dist_fn  # lazy: not every build ships torch.distributed.nn
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0; the backward hands each rank the SUM over ranks of the gradient of its rows.
 
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    Every rank differentiates its own share of the loss w.r.t. all N gathered rows; summing those gradients
+    is what makes the per-rank gradients add up to the gradient of the global loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows, ctx.world = rank, x.shape[0], world
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        if dist.get_backend() in ("nccl", "xccl"):
+            out = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad)  # SUM by default
+            return out
+        grad = grad.clone()  # gloo has no reduce-scatter: all-reduce a copy (never the autograd buffer)
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def _gather_with_grad(x: Tensor) -> Tensor:
+    """All-gather ``x [B, ...]`` from every rank into ``[W*B, ...]`` with gradient flow back to each rank."""
+    return _AllGatherWithGrad.apply(x)
 
 
 def _gather_no_grad(x: Tensor, world: int) -> Tensor:
