@@ -373,7 +373,9 @@ class GCLLoss(nn.Module):
             vec = _as_vec(_get(meta, f), b, f, device).to(torch.float64).contiguous()
             meta_cols.append(vec.view(torch.int64))
 
-        normed = torch.stack([F.normalize(features[f].to(dtype), dim=-1) for f in fields], dim=1)  # [B, F, D]
+        # Rows of missing fields are zeroed first: whatever they hold (even NaN) must not reach the logits.
+        normed = torch.stack([F.normalize(torch.where(meta_cols[k].bool().unsqueeze(1), features[f].to(dtype), 0.0),
+                                          dim=-1) for k, f in enumerate(fields)], dim=1)  # [B, F, D]
         packed = torch.stack(meta_cols, dim=1)  # [B, M]
         world, rank = _dist_world()
         if world > 1:

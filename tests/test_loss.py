@@ -172,6 +172,19 @@ def test_fusion_and_missing_fields_match_reference(kind):
     assert got[fields.index("query")][~(lok & rok)].abs().max() == 0
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_missing_rows_may_hold_garbage(kind):
+    f = feats(5, ["image", "title"], seed=13)
+    m = meta(5, ["image", "title"], present={"title": [1, 0, 1, 1, 0]})
+    ls, lb = scalars()
+    loss = build_loss(kind, [term("t", ["title"], ["image"])], True)
+    clean = loss(f, m, ls, lb)["loss"]
+    dirty = dict(f, title=torch.where(m["present"]["title"].unsqueeze(1), f["title"], math.nan))
+    out = loss(dirty, m, ls, lb)["loss"]
+    torch.testing.assert_close(out, clean, **TOL)
+    assert all(torch.isfinite(g).all() for g in grads(out, [f["title"], f["image"], ls]))
+
+
 def test_renormalisation_only_uses_present_fields():
     # A sample with only the image present on a 0.9 image + 0.1 title side equals the image alone.
     f = feats(4, ["image", "title", "query"], seed=4)
