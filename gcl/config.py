@@ -218,8 +218,10 @@ def validate_loss(loss: DictConfig, provided: set[str] | None) -> None:
             _fail(f"{key}.weight", f"must be >= 0, got {t.weight}")
         if t.score_to_weight not in SCORE_TO_WEIGHT:
             _fail(f"{key}.score_to_weight", f"{t.score_to_weight!r} is not one of {SCORE_TO_WEIGHT}")
-        if t.score_to_weight != "none" and t.score_field not in ("score", "position"):
-            _fail(f"{key}.score_field", f"must be score or position, got {t.score_field!r}")
+        need = {"linear": "score", "reciprocal": "position"}.get(t.score_to_weight)
+        if need and t.score_field != need:
+            _fail(f"{key}.score_field", f"score_to_weight={t.score_to_weight} weights by {need}; set "
+                  f"score_field: {need} (got {t.score_field!r})")
         for side in ("left", "right"):
             s = t[side]
             if not s.fields:
