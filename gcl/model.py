@@ -318,11 +318,11 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike) -> dict[str, An
         model.logit_bias = nn.Parameter(torch.zeros_like(model.logit_scale))
         changes["logit_bias"] = float(sd["logit_bias"].reshape(-1)[0])
         sd["logit_bias"] = sd["logit_bias"].reshape(model.logit_scale.shape)
-    resize_pos_embed(sd, model)
-    resize_text_pos_embed(sd, model)
     try:
+        resize_pos_embed(sd, model)
+        resize_text_pos_embed(sd, model)
         missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
+    except (RuntimeError, AssertionError) as e:  # size mismatch; open_clip's resize asserts on width
         raise RuntimeError(f"weights in {path} do not fit this model ({e}); check that model.name / "
                            f"model.config_path name the checkpoint's architecture") from e
     missing = [k for k in missing if k != "logit_bias"]  # a SigLIP-style head on CLIP weights keeps its init
