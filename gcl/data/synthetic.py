@@ -876,12 +876,12 @@ def render_product(attrs: dict[str, Any], image_size: int, rng: np.random.Genera
 
     ``attrs`` is a :func:`sample_attributes` dict; ``rng`` drives only the look (position, scale, color
     jitter, background, texture phase), never the attributes. Rendered at 2x and downsampled (anti-aliasing)
-    up to 256 px, natively above.
+    up to 128 px, natively above (where anti-aliasing matters less).
     """
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 px, got {image_size}")
     sub = SUBCATEGORIES[attrs["subcategory"]]
-    S = image_size * 2 if image_size <= 256 else image_size
+    S = image_size * 2 if image_size <= 128 else image_size
     # Per-product color jitter: small enough that the nearest palette color stays the product's color.
     def jitter(name: str) -> np.ndarray:
         base = np.asarray(COLORS[name][0], dtype=np.float32)
