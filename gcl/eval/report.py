@@ -13,13 +13,15 @@ HIT = (40, 170, 60)
 MISS = (210, 50, 50)
 
 
-def _fmt(v: float | None) -> str:
+def _fmt(v: float | int | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if isinstance(v, int):  # counts (queries, docs, classes)
+        return str(v)
     return f"{v:.3f}"
 
 
-def _table(title: str, rows: Mapping[str, Mapping[str, float]], first: str) -> list[str]:
+def _table(title: str, rows: Mapping[str, Mapping[str, float | int]], first: str) -> list[str]:
     metrics: list[str] = []
     for vals in rows.values():
         metrics += [m for m in vals if m not in metrics]
@@ -52,17 +54,17 @@ def markdown_report(suite: str, per_task: Mapping[str, Mapping[str, float]],
         for name, vals in aggregates.items():
             groups.setdefault(tuple(vals), {})[name] = vals
         for rows in groups.values():
-            lines += _table("Cross-task means", rows, "Aggregate")
-    by_group: dict[str, dict[str, dict[str, float]]] = {}
+            lines += _table(", ".join(rows), rows, "Aggregate")
+    by_group: dict[str, dict[str, dict[str, float | int]]] = {}
     for name, vals in per_task.items():
         group, _, task = name.rpartition("/")
-        row = dict(vals)
+        row: dict[str, float | int] = dict(vals)
         if counts and name in counts:
-            row.update({k: float(v) for k, v in counts[name].items()})
+            row.update({k: int(v) for k, v in counts[name].items()})
         by_group.setdefault(group or suite, {})[task or name] = row
     for group, tasks in by_group.items():
         lines += [f"## {group}", ""]
-        shapes: dict[tuple[str, ...], dict[str, dict[str, float]]] = {}
+        shapes: dict[tuple[str, ...], dict[str, dict[str, float | int]]] = {}
         for task, vals in tasks.items():
             shapes.setdefault(tuple(vals), {})[task] = vals
         for rows in shapes.values():

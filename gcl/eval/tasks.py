@@ -269,10 +269,11 @@ class DocSet:
 class TableReader:
     """Metadata and lazily-read images of a table source (Parquet image structs / bytes, or file paths)."""
 
-    def __init__(self, spec: SourceSpec, meta_fields: Sequence[str], list_sep: str = ", ") -> None:
+    def __init__(self, spec: SourceSpec, meta_fields: Sequence[str], list_sep: str = ", ",
+                 optional: Sequence[str] = ()) -> None:
         self.spec = spec
         self.files = [Path(p) for p in spec.location]
-        cols = {spec.column(f) for f in meta_fields}
+        cols = {spec.column(f) for f in [*meta_fields, *optional]}
         if spec.doc_id_column:
             cols.add(spec.doc_id_column)
         parquet = all(p.suffix.lower() == ".parquet" for p in self.files)
@@ -285,23 +286,33 @@ class TableReader:
         n = len(df) if spec.max_docs <= 0 else min(len(df), spec.max_docs)
         df = df.iloc[:n]
         self.n = n
-        id_col = spec.doc_id_column or ("__id__" if "__id__" in df.columns else None)
-        if id_col is not None and id_col not in df.columns:
-            raise EvalConfigError(f"doc_id_column {id_col!r} is not a column of {self._where()} "
+        if spec.doc_id_column and spec.doc_id_column in df.columns:
+            id_col: str | None = spec.doc_id_column
+        elif "__id__" in df.columns:  # a {doc_id: {...}} JSON corpus: its keys are the ids
+            id_col = "__id__"
+        elif spec.doc_id_column:
+            raise EvalConfigError(f"doc_id_column {spec.doc_id_column!r} is not a column of {self._where()} "
                                   f"(columns: {sorted(map(str, df.columns))})")
+        else:
+            id_col = None
         self.ids = [str(v) for v in df[id_col]] if id_col else [str(i) for i in range(n)]
+        if id_col and len(set(self.ids)) != n:
+            raise EvalConfigError(f"{self._where()}: document ids in {id_col!r} are not unique")
         self.meta: dict[str, list[str | None]] = {}
         missing = []
-        for f in meta_fields:
+        for f in [*meta_fields, *optional]:
             c = spec.column(f)
             if c not in df.columns:
-                missing.append(f"{f} (column {c!r})")
+                if f not in optional:
+                    missing.append(f"{f} (column {c!r})")
                 continue
             self.meta[f] = [to_text(v, list_sep) for v in df[c].tolist()]
         if missing:
             raise EvalConfigError(
                 f"{self._where()} lacks {missing}; its columns are {sorted(map(str, df.columns))}. Map the "
                 "field with the task's `columns: {field: column}` or fix the preset")
+        if spec.image_column and not self.lazy_images and spec.image_column not in df.columns:
+            raise EvalConfigError(f"image_column {spec.image_column!r} is not a column of {self._where()}")
         self.paths = df[spec.image_column].tolist() if spec.image_column and not self.lazy_images else None
         if spec.image_column and self.lazy_images:
             import pyarrow.parquet as pq
