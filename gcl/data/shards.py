@@ -30,7 +30,8 @@ class ShardWriter:
     ``<key>.<ext>``, ``<key>.json`` (``fields``) and ``<key>.txt`` (the title when present).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, per_shard: int = 1000, prefix: str = "shard") -> None:
+    def __init__(self, out_dir: str | os.PathLike, per_shard: int = 1000, prefix: str = "shard",
+                 mtime: float | None = None) -> None:
         if per_shard < 1:
             raise ValueError(f"per_shard must be >= 1, got {per_shard}")
         self.out_dir = Path(out_dir)
@@ -42,7 +43,8 @@ class ShardWriter:
         self._name = ""
         self._count = 0
         self._keys: set[str] = set()
-        self._mtime = time.time()
+        # a fixed mtime makes shard bytes reproducible (the synthetic catalog is byte-identical per seed)
+        self._mtime = time.time() if mtime is None else mtime
 
     @property
     def total(self) -> int:
@@ -89,6 +91,16 @@ class ShardWriter:
         os.replace(tmp, self.out_dir / "sizes.json")
         return self.sizes
 
+    def abort(self) -> None:
+        """Delete the shard in progress and every finished shard of this writer (a failed run leaves nothing)."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+        (self.out_dir / (self._name + ".tmp")).unlink(missing_ok=True)
+        for name in self.sizes:
+            (self.out_dir / name).unlink(missing_ok=True)
+        self.sizes.clear()
+
     def shard_pattern(self) -> str:
         """Brace pattern covering every shard written, e.g. ``dir/shard-{000000..000003}.tar``."""
         n = len(self.sizes)
@@ -102,6 +114,7 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        elif self._tar is not None:
+        elif self._tar is not None:  # keep finished shards (the caller may abort()); drop the partial one
             self._tar.close()
+            self._tar = None
             (self.out_dir / (self._name + ".tmp")).unlink(missing_ok=True)
