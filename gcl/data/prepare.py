@@ -688,11 +688,8 @@ def _limited(rows: Iterator[tuple[int, Any]], max_rows: int | None) -> Iterator[
 
 def _discard(writers: dict[str, ShardWriter]) -> None:
     """Remove everything a failed run wrote, so a rerun starts clean (no --overwrite needed)."""
-    exc_info = sys.exc_info()
     for writer in writers.values():
-        writer.__exit__(*exc_info)  # closes and deletes the shard in progress
-        for name in writer.sizes:
-            (writer.out_dir / name).unlink(missing_ok=True)
+        writer.abort()
 
 
 def _check_options(table: Path, fields: dict[str, str], image_column: str, images_root: str | Path | None,
