@@ -653,7 +653,8 @@ def load_instructions(out: Path, repo_id: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m gcl.export`` command line."""
     p = argparse.ArgumentParser(prog="python -m gcl.export", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="run dir, checkpoint file, hf-hub:ORG/NAME, local-dir:PATH or NAME:TAG")
     p.add_argument("out_dir")
@@ -664,6 +665,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a previous export in OUT_DIR")
     p.add_argument("--license", default="apache-2.0", help="license id for the model card header")
     p.add_argument("--no-verify", action="store_true", help="skip loading the export back for a check")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     from gcl.model import WeightsUnavailableError
 
