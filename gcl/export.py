@@ -41,7 +41,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from gcl.checkpoint import find_checkpoint, load_checkpoint
+from gcl.checkpoint import BEST, find_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,13 @@ def load_training_checkpoint(path: str | os.PathLike, which: str = "latest") -> 
     """Read a run dir or a trainer checkpoint file into an :class:`ExportSource`."""
     if which not in ("latest", "best"):
         raise ExportError(f"--which must be latest or best, got {which!r}")
+    p = Path(path)
+    if which == "best" and p.is_dir():
+        ck = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        # find_checkpoint falls back to the newest step file; exporting that as "best" would mislabel it.
+        if not (ck / BEST).is_file():
+            raise ExportError(f"no best checkpoint recorded in {ck} (no {BEST}): it needs trainer.best_metric "
+                              "and at least one in-loop evaluation; export --which latest instead")
     ckpt_file = find_checkpoint(path, which=which)
     state = load_checkpoint(ckpt_file)
     missing = [k for k in ("model", "model_info") if k not in state]

@@ -190,6 +190,23 @@ def test_best_checkpoint_and_its_metrics(clip_bundle, tmp_path):
     assert "Training steps: 5" in card and "| ndcg@10 | 0.5000 |" in card and "0.1250" not in card
 
 
+def test_best_without_a_recorded_best_fails(clip_bundle, tmp_path):
+    run = _run_dir(tmp_path, clip_bundle, steps=(10,))
+    with pytest.raises(ExportError, match="no best checkpoint recorded"):
+        export_model(run, tmp_path / "export", which="best")
+
+
+def test_export_inside_run_dir_like_the_trainer(clip_bundle, tmp_path):
+    """The trainer exports to RUN/export (overwrite=True) at the end of every run, possibly twice."""
+    run = _run_dir(tmp_path, clip_bundle)
+    export_model(run, run / "export", overwrite=True)
+    out = export_model(run, run / "export", overwrite=True)
+    _assert_same_model(clip_bundle, out)
+    assert (run / "checkpoints" / "latest.json").is_file()
+    with pytest.raises(ExportError, match="contains the training run"):
+        export_model(run, tmp_path, overwrite=True)
+
+
 def test_explicit_metrics_win(clip_bundle, tmp_path):
     run = _run_dir(tmp_path, clip_bundle, evals={10: {"mrr@10": 0.25}})
     out = export_model(run, tmp_path / "export", metrics={"map@1000": 0.375})
