@@ -193,6 +193,8 @@ def test_field_encoder_forward_batch(tiny):
         assert out["title"].dtype == torch.float32
     with pytest.raises(KeyError, match="not in the batch"):
         enc(batch, ["query"])
+    with pytest.raises(ValueError, match="context length"):
+        enc.encode_text_fields({"t": torch.ones(2, 80, dtype=torch.long)}, {"t": torch.ones(2, dtype=torch.bool)})
 
 
 def _bucket_cost(lengths: list[int], bounds: list[int], overhead: int) -> int:
