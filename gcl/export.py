@@ -88,6 +88,7 @@ class ExportSource:
     run_dir: Path | None = None
     checkpoint_file: Path | None = None
     tokenizer: Any = None
+    card: str | None = None  # the model card of a re-exported folder, kept (with new load lines)
 
 
 # ------------------------------------------------------------------------------------------- sources
@@ -165,10 +166,14 @@ def load_open_clip_model(ref: str, pretrained: str | None = None) -> ExportSourc
             f"{ref!r} is neither an existing run dir/checkpoint file nor a pretrained open_clip model; "
             "pass NAME:PRETRAINED_TAG, NAME --pretrained TAG_OR_FILE, hf-hub:ORG/NAME or local-dir:PATH")
     bundle = build_model(name, pretrained)
+    card = None
+    if name.startswith("local-dir:") and not pretrained:
+        readme = Path(name[len("local-dir:"):]) / CARD_NAME
+        card = readme.read_text() if readme.is_file() else None
     return ExportSource(
         state_dict=bundle.model.state_dict(), model_cfg=copy.deepcopy(dict(bundle.model_cfg)),
         preprocess_cfg=dict(bundle.preprocess_cfg), name=bundle.name, pretrained=bundle.pretrained,
-        tokenizer=bundle.tokenizer)
+        tokenizer=bundle.tokenizer, card=card)
 
 
 # -------------------------------------------------------------------------------------------- config
@@ -447,6 +452,11 @@ def model_card(src: ExportSource, cfg: dict[str, Any], *, metrics: dict[str, Any
     return "\n".join(head + [""] + body)
 
 
+def retarget_card(card: str, ref: str) -> str:
+    """A kept model card with its open_clip load lines pointing at ``ref`` (the new folder or Hub repo)."""
+    return re.sub(r"(open_clip\.(?:create_model_and_transforms|get_tokenizer)\()'[^']*'", lambda m: m.group(1) + repr(ref), card)
+
+
 def _eval_step(p: Path) -> int | None:
     m = re.fullmatch(r"step_(\d+)", p.stem)
     return int(m.group(1)) if m else None
@@ -577,10 +587,17 @@ def hub_preflight(repo_id: str) -> tuple[Any, str]:
 def push_folder(api: Any, folder: Path, repo_id: str, *, private: bool,
                 commit_message: str = "Upload gcl export") -> str:
     """Create ``repo_id`` (model repo, ``private`` as given, kept if it exists) and upload ``folder``."""
-    url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    final_id = getattr(url, "repo_id", None) or repo_id
-    api.upload_folder(repo_id=final_id, folder_path=str(folder), repo_type="model",
-                      commit_message=commit_message)
+    try:
+        url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        final_id = getattr(url, "repo_id", None) or repo_id
+        api.upload_folder(repo_id=final_id, folder_path=str(folder), repo_type="model",
+                          commit_message=commit_message)
+    except Exception as e:
+        token = api.token if isinstance(getattr(api, "token", None), str) else None
+        msg = str(e).replace(token, "<token>") if token else str(e)
+        raise HubError(f"upload to {repo_id} failed ({type(e).__name__}: {msg}); the export in {folder} is "
+                       f"complete: retry with `python -m gcl.export {folder} OTHER_DIR --push-to {repo_id}` "
+                       f"or `hf upload {repo_id} {folder}`") from None
     log.info("pushed %s to https://huggingface.co/%s (private=%s)", folder, final_id, private)
     return final_id
 
@@ -593,12 +610,15 @@ def export_model(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, w
     """Export ``checkpoint`` as an OpenCLIP Hub folder at ``out_dir``; optionally push it to ``push_to``.
 
     Args:
-        checkpoint: a run dir, a trainer checkpoint file, or an open_clip model reference (``hf-hub:``,
-            ``local-dir:``, ``NAME:TAG``, or ``NAME`` with ``pretrained``) to re-export.
+        checkpoint: a run dir, a trainer checkpoint file, or an open_clip model to re-export: an open_clip
+            folder (a previous export), ``hf-hub:``, ``local-dir:``, ``NAME:TAG``, or ``NAME`` with
+            ``pretrained``.
         out_dir: target folder; must be missing or empty unless ``overwrite`` (then only a previous export
             is replaced).
         which: ``latest`` or ``best`` checkpoint of a run dir.
-        push_to: Hub repo id ``ORG/NAME``; checked (token, offline, network) before any work.
+        push_to: Hub repo id ``ORG/NAME``; checked (token, offline, network) before any work, so a caller
+            that must not lose the local export on a Hub problem (the trainer) should call
+            :func:`hub_preflight` itself early. A failed upload leaves the complete local export.
         private: visibility of a repo the push creates.
         metrics: eval metrics for the card; default the run's newest ``eval/step_*.json`` at or before the
             exported step.
@@ -612,6 +632,8 @@ def export_model(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, w
     out = Path(out_dir)
     api = hub_preflight(push_to)[0] if push_to else None
     ref = str(checkpoint)
+    if Path(ref).is_dir() and (Path(ref) / CONFIG_NAME).is_file():
+        ref = f"local-dir:{ref}"  # an existing export (or any open_clip folder): re-export it
     if is_model_ref(ref, pretrained):
         src = load_open_clip_model(ref, pretrained)
     elif Path(ref).exists():
@@ -635,8 +657,12 @@ def export_model(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, w
         cfg["model_cfg"]["text_cfg"] = write_tokenizer(tokenizer, cfg["model_cfg"].get("text_cfg", {}), tmp)
         _save_weights(src.state_dict, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / CARD_NAME).write_text(model_card(src, cfg, metrics=metrics, metrics_step=metrics_step,
-                                                repo_id=push_to, out_dir=out.resolve(), license=license))
+        if src.card is not None:  # re-export of a folder: its card has the training details
+            card = retarget_card(src.card, f"hf-hub:{push_to}" if push_to else f"local-dir:{out.resolve()}")
+        else:
+            card = model_card(src, cfg, metrics=metrics, metrics_step=metrics_step, repo_id=push_to,
+                              out_dir=out.resolve(), license=license)
+        (tmp / CARD_NAME).write_text(card)
         if verify:
             verify_export(tmp, src, tokenizer)
         _fsync_tree(tmp)

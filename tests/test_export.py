@@ -350,6 +350,33 @@ def test_push_public_from_python_api(clip_bundle, tmp_path, monkeypatch):
     assert hub.calls[1][1]["private"] is False
 
 
+def test_failed_upload_keeps_the_export_and_hides_the_token(clip_bundle, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    FakeHub(monkeypatch)
+
+    def broken_upload(api, *a, **k):
+        raise OSError(f"503 from hub, headers={{'authorization': 'Bearer {TOKEN}'}}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", broken_upload)
+    out = tmp_path / "export"
+    with pytest.raises(HubError, match="the export in .* is complete") as e:
+        export_model(_run_dir(tmp_path, clip_bundle), out, push_to="org/m")
+    assert TOKEN not in str(e.value)
+    _assert_same_model(clip_bundle, out)
+
+
+def test_existing_export_folder_is_a_valid_source(clip_bundle, tmp_path):
+    first = export_model(_run_dir(tmp_path, clip_bundle), tmp_path / "first")
+    again = export_model(first, tmp_path / "again")  # a plain path, no local-dir: prefix
+    _assert_same_model(clip_bundle, again)
+    # The card (loss terms, data, metrics) is kept; only its load lines point at the new folder.
+    old_card, new_card = (first / CARD_NAME).read_text(), (again / CARD_NAME).read_text()
+    assert "| title_image |" in new_card
+    assert new_card == old_card.replace(f"local-dir:{first.resolve()}", f"local-dir:{again.resolve()}")
+
+
 def test_push_without_token_fails_before_any_work(tmp_path, monkeypatch, caplog):
     _no_stored_token(monkeypatch, tmp_path)
     hub = FakeHub(monkeypatch)
