@@ -267,19 +267,20 @@ class _TableDocs:
             if self.spec.image_column is None:
                 raise T.EvalConfigError(f"table {self.spec.location[0]!r}: a task embeds images but the task has no "
                                         "image_column; set it to the column holding image bytes or paths")
-            rows = {i for i in range(n) if i % world_size == rank} if sharded and world_size > 1 else None
-            ds = T.ImageDataset(reader, image_transform, rows)
+            mine = [j for j in range(n) if not (sharded and world_size > 1) or j % world_size == rank]
+            doc_of_row = {reader.doc_rows[j]: j for j in mine}
+            ds = T.ImageDataset(reader, image_transform, set(doc_of_row))
             loader = torch.utils.data.DataLoader(ds, batch_size=emb.batch_size, num_workers=num_workers,
                                                  collate_fn=T.collate_images)
             idx_all, feats, bad = [], [], []
             for b in loader:
-                bad += b["bad"]
+                bad += [(doc_of_row[r], e) for r, e in b["bad"]]
                 if b["image"] is None:
                     continue
                 batch = {"image": b["image"], "tokens": {}, "present": {IMAGE: torch.ones(len(b["index"]),
                                                                                           dtype=torch.bool)}}
                 feats.append(emb.batch(batch, [IMAGE])[IMAGE])
-                idx_all += b["index"]
+                idx_all += [doc_of_row[r] for r in b["index"]]
             gathered = _gather((idx_all, torch.cat(feats) if feats else torch.zeros(0), bad),
                                world_size if sharded else 1)
             if rank != 0 and sharded:
@@ -287,8 +288,8 @@ class _TableDocs:
             idx_all = [i for g in gathered for i in g[0]]
             bad = [x for g in gathered for x in g[2]]
             if bad:
-                log.warning("table %s: %d unreadable images skipped (first: row %d: %s)", self.spec.location[0],
-                            len(bad), bad[0][0], bad[0][1])
+                log.warning("table %s: %d unreadable images skipped (first: document %s: %s)",
+                            self.spec.location[0], len(bad), reader.ids[bad[0][0]], bad[0][1])
             allf = [g[1] for g in gathered if g[1].numel()]
             if allf:
                 cat = torch.cat(allf)
@@ -304,12 +305,13 @@ class _TableDocs:
         for f in sorted(needs.embed - {IMAGE}):
             parts_emb[f], parts_present[f] = emb.optional_strings(reader.meta[f], f)
         return T.DocSet(ids=reader.ids, item_ids=reader.item_ids(), meta=dict(reader.meta), emb=parts_emb,
-                        present=parts_present)
+                        present=parts_present, rows_meta=reader.rows_meta if reader.deduped else None,
+                        row_doc=reader.row_doc)
 
     def images(self, ids: Sequence[str]) -> list[Image.Image | None]:
         assert self.reader is not None
-        row = {d: i for i, d in enumerate(self.reader.ids)}
-        return self.reader.images([row[d] for d in ids])
+        doc = {d: i for i, d in enumerate(self.reader.ids)}
+        return self.reader.images([doc[d] for d in ids])
 
 
 # ----------------------------------------------------------------------------------------- the suite
@@ -412,7 +414,7 @@ class Evaluator:
                                 image_root, t.doc_id_column, t.max_docs)
         table = T.resolve_path(t.table, root, what=f"task {t.name!r} table", hint=t.hf_dataset)
         return T.SourceSpec("table", tuple(str(p) for p in T.table_files(table)), cols, t.image_column, image_root,
-                            None, t.max_docs)
+                            t.doc_id_column, t.max_docs)
 
     # -- main
     def __call__(self, encoder: Any, bundle: Any, *, step: int | None = None, out_dir: str | os.PathLike | None = None,
@@ -507,12 +509,14 @@ class Evaluator:
                     src.reader = T.TableReader(spec, sorted(needs.meta), list_sep=self.list_sep, optional=(T.ITEM_ID,))
                 return T.DocSet(ids=side["ids"], item_ids=side["item_ids"], meta=side["meta"],
                                 emb={f[4:]: v for f, v in tensors.items() if f.startswith("emb/")},
-                                present={f[8:]: v.bool() for f, v in tensors.items() if f.startswith("present/")})
+                                present={f[8:]: v.bool() for f, v in tensors.items() if f.startswith("present/")},
+                                rows_meta=side.get("rows_meta"), row_doc=side.get("row_doc"))
         docs = src.load(emb, needs, **kwargs)
         if key is not None and docs is not None:
             tensors = {**{f"emb/{f}": v for f, v in docs.emb.items()},
                        **{f"present/{f}": v for f, v in docs.present.items()}}
-            self.cache.put(key, tensors, {"ids": docs.ids, "item_ids": docs.item_ids, "meta": docs.meta})
+            self.cache.put(key, tensors, {"ids": docs.ids, "item_ids": docs.item_ids, "meta": docs.meta,
+                                          "rows_meta": docs.rows_meta, "row_doc": docs.row_doc})
         return docs
 
     def _cache_key(self, spec: T.SourceSpec, needs: _Needs, emb: Embedder, bundle: Any) -> str | None:
@@ -530,7 +534,7 @@ class Evaluator:
                 if IMAGE in needs.embed:
                     reader = T.TableReader(spec, [], list_sep=self.list_sep)
                     if not reader.lazy_images:  # images referenced by path: their files are data too
-                        files += [str(reader._path(str(v))) for v in reader.paths or [] if isinstance(v, str) and v]
+                        files += [str(p) for p in reader.doc_image_paths()]
             data = files_fingerprint(files)
         except (FileNotFoundError, ValueError) as exn:
             log.info("eval: embedding cache off for %s (%s)", spec.location[0], exn)

@@ -109,6 +109,8 @@ class EvalConfig:
     tasks: list[TaskConfig] = field(default_factory=list)
     aggregates: list[AggregateConfig] = field(default_factory=list)
     data_root: str | None = None  # local copy of the HF files the marqo presets read
+    # Free strings a preset interpolates into its task paths, e.g. ${...params.gs_subset} from a task field.
+    params: dict[str, str] = field(default_factory=dict)
     batch_size: int = 64
     num_workers: int = 0
     seed: int = 0

@@ -162,27 +162,32 @@ class SourceSpec:
 
 
 def resolve_path(path: str, data_root: str | None, *, what: str, hint: str | None = None) -> Path:
-    """``path`` if absolute, else ``data_root/path``; raise MissingDataError with a fix when it does not exist."""
+    """``path`` if absolute, else ``data_root/path``; raise MissingDataError with a fix when it does not exist.
+
+    ``hint`` names where the data comes from (a Hugging Face dataset id) for the error message.
+    """
     p = Path(os.path.expanduser(path))
     if not p.is_absolute():
         if data_root is None:
             raise MissingDataError(
                 f"{what} {path!r} is relative but eval.data_root is not set; set eval.data_root=DIR to the folder "
-                f"holding the local copy of the evaluation data{_hint(hint)}")
+                f"holding the local copy of the evaluation data{_hint(hint, '<eval.data_root>/' + path)}")
         p = Path(os.path.expanduser(data_root)) / p
     if any(c in str(p) for c in "*?["):
         if not glob.glob(str(p)):
-            raise MissingDataError(f"{what} {str(p)!r} matches no file{_hint(hint)}")
+            raise MissingDataError(f"{what} {str(p)!r} matches no file{_hint(hint, str(p))}")
     elif not p.exists():
-        raise MissingDataError(f"{what} {str(p)!r} does not exist{_hint(hint)}")
+        raise MissingDataError(f"{what} {str(p)!r} does not exist{_hint(hint, str(p))}")
     return p
 
 
-def _hint(hf: str | None) -> str:
-    if not hf:
+def _hint(source: str | None, where: str) -> str:
+    if not source:
         return ""
-    return (f"; download it once (with network) with `huggingface-cli download {hf} --repo-type dataset "
-            f"--local-dir <eval.data_root>/<folder named in the preset>` and copy it here")
+    if source.startswith(("http://", "https://")):
+        return f"; it comes from {source}: download and unpack it (on a machine with network) so that {where} exists"
+    return (f"; get it once on a machine with network: `huggingface-cli download {source} --repo-type dataset "
+            f"--local-dir {where}` (evaluation itself never downloads)")
 
 
 def table_files(path: Path) -> list[Path]:
@@ -250,10 +255,13 @@ def to_text(value: Any, sep: str = ", ") -> str | None:
 
 @dataclass
 class DocSet:
-    """The documents of one source, in canonical order (N rows).
+    """The documents of one source, in canonical order (N of them).
 
-    ``meta[f]``: list of N strings or None (missing). ``item_ids``: N strings (equal = same product).
+    ``meta[f]``: N strings or None (missing). ``item_ids``: N strings (equal = same product).
     ``emb[f]``: FloatTensor[N, D], L2-normalized rows, zero rows where ``present[f]`` (BoolTensor[N]) is False.
+    ``rows_meta`` / ``row_doc``: when a table was de-duplicated by a document id (several rows per document,
+    e.g. one per search query), the metadata of every row and the document index of each row; queries and
+    relevance are built from the rows (a document is relevant when any of its rows matches). None otherwise.
     """
 
     ids: list[str]
@@ -261,13 +269,20 @@ class DocSet:
     meta: dict[str, list[str | None]]
     emb: dict[str, torch.Tensor] = field(default_factory=dict)
     present: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows_meta: dict[str, list[str | None]] | None = None
+    row_doc: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
 class TableReader:
-    """Metadata and lazily-read images of a table source (Parquet image structs / bytes, or file paths)."""
+    """Metadata and lazily-read images of a table source (Parquet image structs / bytes, or file paths).
+
+    Rows are the table's rows (the first ``max_docs`` when set). With ``doc_id_column`` the documents are the
+    distinct ids in order of first appearance (the first row of each gives its image and fields; ``row_doc``
+    maps every row to its document); otherwise every row is a document with id = its row number.
+    """
 
     def __init__(self, spec: SourceSpec, meta_fields: Sequence[str], list_sep: str = ", ",
                  optional: Sequence[str] = ()) -> None:
@@ -283,9 +298,9 @@ class TableReader:
             cols.add(spec.image_column)
         df = read_table(self.files, sorted(cols) + (["__id__"] if self._json_dict() else []))
         self.rows_per_file = [self._count(p) for p in self.files] if self.lazy_images else []
-        n = len(df) if spec.max_docs <= 0 else min(len(df), spec.max_docs)
-        df = df.iloc[:n]
-        self.n = n
+        n_rows = len(df) if spec.max_docs <= 0 else min(len(df), spec.max_docs)
+        df = df.iloc[:n_rows]
+        self.n_rows = n_rows
         if spec.doc_id_column and spec.doc_id_column in df.columns:
             id_col: str | None = spec.doc_id_column
         elif "__id__" in df.columns:  # a {doc_id: {...}} JSON corpus: its keys are the ids
@@ -295,10 +310,21 @@ class TableReader:
                                   f"(columns: {sorted(map(str, df.columns))})")
         else:
             id_col = None
-        self.ids = [str(v) for v in df[id_col]] if id_col else [str(i) for i in range(n)]
-        if id_col and len(set(self.ids)) != n:
-            raise EvalConfigError(f"{self._where()}: document ids in {id_col!r} are not unique")
-        self.meta: dict[str, list[str | None]] = {}
+        if spec.image_column and not self.lazy_images and spec.image_column not in df.columns:
+            raise EvalConfigError(f"image_column {spec.image_column!r} is not a column of {self._where()}")
+        row_ids = [str(v) for v in df[id_col]] if id_col else [str(i) for i in range(n_rows)]
+        first: dict[str, int] = {}
+        for r, d in enumerate(row_ids):
+            first.setdefault(d, r)
+        self.doc_rows = list(first.values())  # row of each document (ascending)
+        self.deduped = len(self.doc_rows) < n_rows
+        doc_of = {d: j for j, d in enumerate(first)}
+        self.row_doc = [doc_of[d] for d in row_ids] if self.deduped else None
+        if self.deduped:
+            log.info("%s: %d rows -> %d documents (one per %s)", self._where(), n_rows, len(self.doc_rows), id_col)
+        self.ids = list(first)
+        self.n = len(self.ids)
+        self.rows_meta: dict[str, list[str | None]] = {}
         missing = []
         for f in [*meta_fields, *optional]:
             c = spec.column(f)
@@ -306,13 +332,13 @@ class TableReader:
                 if f not in optional:
                     missing.append(f"{f} (column {c!r})")
                 continue
-            self.meta[f] = [to_text(v, list_sep) for v in df[c].tolist()]
+            self.rows_meta[f] = [to_text(v, list_sep) for v in df[c].tolist()]
         if missing:
             raise EvalConfigError(
                 f"{self._where()} lacks {missing}; its columns are {sorted(map(str, df.columns))}. Map the "
                 "field with the task's `columns: {field: column}` or fix the preset")
-        if spec.image_column and not self.lazy_images and spec.image_column not in df.columns:
-            raise EvalConfigError(f"image_column {spec.image_column!r} is not a column of {self._where()}")
+        self.meta = ({f: [v[r] for r in self.doc_rows] for f, v in self.rows_meta.items()} if self.deduped
+                     else self.rows_meta)
         self.paths = df[spec.image_column].tolist() if spec.image_column and not self.lazy_images else None
         if spec.image_column and self.lazy_images:
             import pyarrow.parquet as pq
@@ -334,13 +360,14 @@ class TableReader:
         return pq.ParquetFile(p).metadata.num_rows
 
     def item_ids(self, item_field: str = ITEM_ID) -> list[str]:
+        """Per document: its item id (its document id when the table has no item id)."""
         vals = self.meta.get(item_field)
         if vals is None:
             return list(self.ids)
-        return [v if v is not None else f"__row{i}" for i, v in enumerate(vals)]
+        return [v if v is not None else f"__doc{i}" for i, v in enumerate(vals)]
 
     def units(self) -> list[tuple[int, int, int]]:
-        """Work units for the image pass: (file index or -1, first row, row count)."""
+        """Work units over rows for the image pass: (file index or -1, first row, row count)."""
         out = []
         if self.lazy_images:
             import pyarrow.parquet as pq
@@ -350,12 +377,12 @@ class TableReader:
                 md = pq.ParquetFile(p).metadata
                 for g in range(md.num_row_groups):
                     rows = md.row_group(g).num_rows
-                    if start < self.n:
-                        out.append((fi, start, min(rows, self.n - start)))
+                    if start < self.n_rows:
+                        out.append((fi, start, min(rows, self.n_rows - start)))
                     start += rows
         else:
             step = 256
-            out = [(-1, s, min(step, self.n - s)) for s in range(0, self.n, step)]
+            out = [(-1, s, min(step, self.n_rows - s)) for s in range(0, self.n_rows, step)]
         return out
 
     def iter_unit(self, unit: tuple[int, int, int]) -> Iterator[tuple[int, Any]]:
@@ -368,8 +395,7 @@ class TableReader:
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(self.files[fi])
-        first = sum(self.rows_per_file[:fi])
-        group_start, gi = first, 0
+        group_start, gi = sum(self.rows_per_file[:fi]), 0
         md = pf.metadata
         while gi < md.num_row_groups and group_start + md.row_group(gi).num_rows <= start:
             group_start += md.row_group(gi).num_rows
@@ -391,25 +417,33 @@ class TableReader:
             with Image.open(io.BytesIO(bytes(value))) as im:
                 return im.convert("RGB")
         if isinstance(value, str) and value.strip():
-            with Image.open(self._path(value.strip())) as im:
+            with Image.open(self.image_path(value.strip())) as im:
                 return im.convert("RGB")
         raise ValueError(f"empty or unsupported image value of type {type(value).__name__}")
 
-    def _path(self, value: str) -> Path:
+    def image_path(self, value: str) -> Path:
+        """The local file of an image path value: absolute, or under image_root (default: the table's folder);
+        falls back to image_root/basename (GCL's path fix-up for moved image folders)."""
         if value.startswith(("http://", "https://")):
             raise ValueError(f"image {value!r} is a URL; evaluation never downloads: use local files")
         p = Path(value)
         if p.is_absolute() and p.exists():
             return p
         root = Path(self.spec.image_root) if self.spec.image_root else self.files[0].parent
-        for cand in (root / p, root / p.name):  # GCL's path fix-up: image_root + basename
+        for cand in (root / p, root / p.name):
             if cand.exists():
                 return cand
         raise FileNotFoundError(f"image {value!r} not found (looked in {str(root)!r}); set the task's image_root")
 
-    def images(self, indices: Sequence[int]) -> list[Image.Image | None]:
-        """Decoded images of some rows (for the gallery); None where unreadable."""
-        want = set(indices)
+    def doc_image_paths(self) -> list[Path]:
+        """Local files of every document's image (path-valued image columns only)."""
+        assert self.paths is not None
+        return [self.image_path(str(self.paths[r])) for r in self.doc_rows]
+
+    def images(self, docs: Sequence[int]) -> list[Image.Image | None]:
+        """Decoded images of some documents (for the gallery); None where unreadable."""
+        rows = [self.doc_rows[d] for d in docs]
+        want = set(rows)
         got: dict[int, Image.Image | None] = {}
         for unit in self.units():
             _, s, c = unit
@@ -422,23 +456,23 @@ class TableReader:
                     except Exception as exn:  # noqa: BLE001 - a gallery thumbnail is optional
                         log.warning("gallery: cannot read image of row %d: %r", i, exn)
                         got[i] = None
-        return [got.get(i) for i in indices]
+        return [got.get(r) for r in rows]
 
 
 class ImageDataset(torch.utils.data.IterableDataset):
-    """(row, image tensor, ok) over a table's rows; DataLoader workers split the work units."""
+    """(row, image tensor or None, error) over a table's rows in ``rows``; DataLoader workers split the units."""
 
-    def __init__(self, reader: TableReader, transform: Any, rows: set[int] | None = None) -> None:
+    def __init__(self, reader: TableReader, transform: Any, rows: set[int]) -> None:
         super().__init__()
         self.reader, self.transform, self.rows = reader, transform, rows
-        self.units = [u for u in reader.units() if rows is None or any(u[1] <= r < u[1] + u[2] for r in rows)]
+        self.units = [u for u in reader.units() if any(r in rows for r in range(u[1], u[1] + u[2]))]
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor | None, str]]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for unit in self.units[wid::nw]:
             for i, v in self.reader.iter_unit(unit):
-                if self.rows is not None and i not in self.rows:
+                if i not in self.rows:
                     continue
                 try:
                     yield i, self.transform(self.reader.open_image(v)), ""
@@ -459,8 +493,8 @@ class Queries:
     """Q queries of one task.
 
     ``texts[f]``: Q strings (or None) per text query field; ``doc_rows``: for per-document queries the
-    document row each query was drawn from (used for image query fields), else None. ``qrels``: pytrec_eval
-    dict ``{qid: {str(doc_row): grade >= 1}}``; every query has at least one relevant document.
+    document each query was drawn from (used for image query fields), else None. ``qrels``: pytrec_eval
+    dict ``{qid: {str(doc_index): grade >= 1}}``; every query has at least one relevant document.
     """
 
     ids: list[str]
@@ -491,11 +525,13 @@ def _query_value(texts: Mapping[str, list[str | None]], fields: Sequence[str], i
 def build_queries(task: Any, docs: DocSet, seed: int, pairs: Any = None) -> Queries:
     """The task's queries and qrels over ``docs`` (see ``Queries``); sampling is seeded by (seed, task name).
 
-    Per-document queries (default): each sampled document with a query field value is a query; relevant are
-    the documents with the same item id (rule ``item_id``) or the same value of ``relevance.field`` (rule
-    ``field``). ``unique_queries``: each unique value (tuple) of the query text fields is one query; relevant
-    are the documents whose ``relevance.field`` equals it (``field``) or that share an item id with a document
-    having that value (``item_id``). Graded: see ``graded_queries``.
+    Queries come from the documents' rows (``docs.rows_meta`` when the table was de-duplicated, else the
+    documents themselves). Per-row queries (default): each sampled row with a query field value is a query;
+    relevant are the documents with the row's item id (rule ``item_id``) or with a row whose
+    ``relevance.field`` equals the row's (rule ``field``). ``unique_queries``: each unique value (tuple) of
+    the query text fields is one query; relevant are the documents with a row whose ``relevance.field``
+    equals it (``field``; ``relevance.field`` defaults to the query field), or that share an item id with a
+    row having that value (``item_id``). Graded: see ``graded_queries``.
     """
     rule = task.relevance.rule
     if rule == "graded":
@@ -505,18 +541,27 @@ def build_queries(task: Any, docs: DocSet, seed: int, pairs: Any = None) -> Quer
     rng = _rng(seed, task.name)
     qfields = [f for f in task.query.fields if f != IMAGE]
     rel_field = task.relevance.field or (qfields[0] if len(qfields) == 1 else None)
+    rows = docs.rows_meta if docs.rows_meta is not None else docs.meta
+    row_doc = docs.row_doc if docs.row_doc is not None else list(range(len(docs)))
     for f in qfields + ([rel_field] if rule == "field" and rel_field else []):
-        if f not in docs.meta:
+        if f not in rows:
             raise EvalConfigError(f"task {task.name!r}: documents have no field {f!r}")
-    n = len(docs)
-    by_item: dict[str, list[int]] = defaultdict(list)
-    for i, it in enumerate(docs.item_ids):
-        by_item[it].append(i)
-    by_value: dict[str, list[int]] = defaultdict(list)
+    n_rows = len(row_doc)
+    by_item: dict[str, set[int]] = defaultdict(set)
+    for d, it in enumerate(docs.item_ids):
+        by_item[it].add(d)
+    by_value: dict[str, set[int]] = defaultdict(set)
     if rule == "field":
-        for i, v in enumerate(docs.meta[rel_field]):
+        for r, v in enumerate(rows[rel_field]):
             if v is not None:
-                by_value[v].append(i)
+                by_value[v].add(row_doc[r])
+
+    def relevant(r: int) -> set[int]:
+        if rule == "field":
+            v = rows[rel_field][r]
+            return by_value.get(v, set()) if v is not None else set()
+        return by_item[docs.item_ids[row_doc[r]]]
+
     dropped = 0
     ids: list[str] = []
     texts: dict[str, list[str | None]] = {f: [] for f in qfields}
@@ -524,21 +569,14 @@ def build_queries(task: Any, docs: DocSet, seed: int, pairs: Any = None) -> Quer
     doc_rows: list[int] | None = None
     if task.unique_queries:
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i in range(n):
-            v = _query_value(docs.meta, qfields, i)
+        for r in range(n_rows):
+            v = _query_value(rows, qfields, r)
             if v is not None:
-                groups[v].append(i)
+                groups[v].append(r)
         values = sorted(groups, key=lambda t: tuple("" if x is None else x for x in t))
         for j in _sample(len(values), task.num_queries, rng):
             v = values[j]
-            if rule == "field":
-                key = v[qfields.index(rel_field)] if rel_field in qfields else None
-                if key is None:  # relevance by another field: the values of the query's documents
-                    rel = sorted({r for i in groups[v] for r in by_value.get(docs.meta[rel_field][i] or "", [])})
-                else:
-                    rel = by_value.get(key, [])
-            else:
-                rel = sorted({r for i in groups[v] for r in by_item[docs.item_ids[i]]})
+            rel = set().union(*(relevant(r) for r in groups[v]))
             if not rel:
                 dropped += 1
                 continue
@@ -546,29 +584,25 @@ def build_queries(task: Any, docs: DocSet, seed: int, pairs: Any = None) -> Quer
             ids.append(qid)
             for f, x in zip(qfields, v):
                 texts[f].append(x)
-            qrels[qid] = {str(r): 1 for r in rel}
+            qrels[qid] = {str(d): 1 for d in sorted(rel)}
     else:
         doc_rows = []
         has_img = docs.present.get(IMAGE) if IMAGE in task.query.fields else None
-        cand = [i for i in range(n)
-                if (qfields and _query_value(docs.meta, qfields, i) is not None)
-                or (has_img is not None and bool(has_img[i]))]
+        cand = [r for r in range(n_rows)
+                if (qfields and _query_value(rows, qfields, r) is not None)
+                or (has_img is not None and bool(has_img[row_doc[r]]))]
         for j in _sample(len(cand), task.num_queries, rng):
-            i = cand[j]
-            if rule == "field":
-                v = docs.meta[rel_field][i]
-                rel = by_value.get(v, []) if v is not None else []
-            else:
-                rel = by_item[docs.item_ids[i]]
+            r = cand[j]
+            rel = relevant(r)
             if not rel:
                 dropped += 1
                 continue
             qid = f"q{len(ids)}"
             ids.append(qid)
-            doc_rows.append(i)
+            doc_rows.append(row_doc[r])
             for f in qfields:
-                texts[f].append(docs.meta[f][i])
-            qrels[qid] = {str(r): 1 for r in rel}
+                texts[f].append(rows[f][r])
+            qrels[qid] = {str(d): 1 for d in sorted(rel)}
     if dropped:
         log.warning("task %s: dropped %d queries without a relevant document", task.name, dropped)
     return Queries(ids=ids, texts=texts, qrels=qrels, doc_rows=doc_rows)
