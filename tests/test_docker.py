@@ -236,6 +236,21 @@ def test_readme_docker_runs_build_the_documented_torchrun(fakebin):
             assert "HF_TOKEN" in r["env"] and r["env"]["HF_TOKEN"] is None, "pass the token as -e HF_TOKEN"
 
 
+def test_readme_training_overrides_compose_and_validate():
+    """The documented overrides name real config keys and pass gcl's fail-fast validation."""
+    from hydra import compose, initialize_config_dir
+
+    import gcl.config
+
+    for r in docker_runs():
+        if r["args"] and r["args"][0] in PASSTHROUGH:
+            continue
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", r["args"], return_hydra_config=True)
+        gcl.config.validate(cfg)
+        assert cfg.hydra.run.dir == dict(a.split("=", 1) for a in r["args"])["hydra.run.dir"]
+
+
 def test_readme_multinode_commands_are_consistent():
     multi = [r for r in docker_runs() if int(r["env"].get("NNODES") or 1) > 1]
     assert multi
