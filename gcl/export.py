@@ -17,7 +17,8 @@ open_clip model to re-export: ``hf-hub:ORG/NAME``, ``local-dir:PATH``, ``NAME:PR
 - tokenizer files, only for a Hugging Face tokenizer (``text_cfg.hf_tokenizer_name``; open_clip then reads
   them from the folder). OpenCLIP's built-in BPE tokenizer has no files: a ``text_cfg`` without
   ``hf_tokenizer_name`` makes open_clip use it, with the config's context length and tokenizer kwargs;
-- ``README.md``: the model card (HF metadata header, base model, loss terms, data, metrics, config, usage).
+- ``README.md``: the model card (HF metadata header, base model, loss terms, data, metrics, config, usage);
+  re-exporting an export folder keeps its card, with the load lines pointed at the new place.
 
 The folder is built in a hidden sibling temp dir, loaded back with open_clip and compared tensor by tensor
 (and tokenizer by tokenizer where the training tokenizer is known), and only then renamed into place, so a
