@@ -158,13 +158,12 @@ def _source_needs(tasks: Sequence[Any], gallery_task: str | None) -> _Needs:
             n.embed.add(IMAGE)
             continue
         n.embed.update(t.doc.fields)
-        n.meta.update(f for f in t.query.fields if f != IMAGE)
+        if t.relevance.rule != "graded":  # graded queries come from the relevance table, not the documents
+            n.meta.update(f for f in t.query.fields if f != IMAGE)
         if IMAGE in t.query.fields:
             n.embed.add(IMAGE)
         if t.relevance.rule == "field" and t.relevance.field:
             n.meta.add(t.relevance.field)
-        if t.name == gallery_task:
-            n.meta.update(f for f in t.query.fields if f != IMAGE)
     n.meta.update(f for f in n.embed if f != IMAGE)
     return n
 

@@ -121,6 +121,8 @@ def validate_tasks(cfg: Any) -> None:
         if r.rule == "graded":
             if not t.table:
                 _fail(f"{key}.table", "graded relevance reads (query, document, grade) rows from a table")
+            if not t.corpus:
+                _fail(f"{key}.corpus", "graded relevance needs the documents' table / JSON (GS-10M: corpus_N.json)")
             if not r.grade_field:
                 _fail(f"{key}.relevance.grade_field", "graded relevance needs the grade column's field name")
             if not t.doc_id_column:

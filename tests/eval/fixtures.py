@@ -91,7 +91,7 @@ def build_marqo_ecommerce(root: Path, products: int = 16) -> Path:
     for p in range(products):
         for q in (queries[p % 3], queries[(p + 1) % 3]) if p % 4 == 0 else (queries[p % 3],):
             rows.append({"image": png(PALETTE[p % 3]), "item_ID": f"gs{p}", "query": q,
-                         "title": f"{q.split()[1]} model {p}", "position": p % 5 + 1})
+                         "title": f"{queries[p % 3].split()[1]} model {p}", "position": p % 5 + 1})
     write_hf_parquet(root / "google-shopping-general-eval", rows)
     amazon = [{"image": png(PALETTE[p % 4]), "item_ID": f"B0{p:04d}", "title": f"amazon product {p} kind {p % 4}"}
               for p in range(products)]

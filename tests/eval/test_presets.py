@@ -1,0 +1,215 @@
+"""Every eval preset runs end to end on a tiny fixture with the real column names and file layout, producing
+sane metrics, per-task JSON, a leaderboard-style markdown and a gallery PNG; evaluate.py loads checkpoints,
+run dirs and exports; unavailable weights fail with a clear message."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from gcl.eval.run import Evaluator, evaluate_model, load_model_for_eval
+from gcl.eval.schema import EvalConfig
+from gcl.eval.tasks import MissingDataError
+
+REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("gcl_eval_test_fixtures", Path(__file__).with_name("fixtures.py"))
+fx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fx)
+
+
+def preset(name: str, **overrides) -> EvalConfig:
+    """The preset YAML merged into the typed schema (what Hydra does for eval=<name>)."""
+    cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(REPO / "conf" / "eval" / f"{name}.yaml"),
+                          {"num_workers": 0, "batch_size": 16, **overrides})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    from gcl.model import build_model
+
+    torch.manual_seed(0)
+    return build_model("gcl-tiny")
+
+
+def check_outputs(out: Path, metrics: dict[str, float], cfg, stem: str = "metrics") -> dict:
+    assert metrics, "no metrics"
+    for k, v in metrics.items():
+        assert k.startswith(f"{cfg.name}/")
+        assert 0.0 <= v <= 1.0 + 1e-9, (k, v)
+    flat = json.loads((out / f"{stem}.json").read_text())
+    assert flat == pytest.approx(metrics)
+    base = out if stem == "metrics" else out / stem
+    per_task = {}
+    for t in cfg.tasks:
+        for m in t.metrics:
+            assert f"{cfg.name}/{t.name}/{m}" in metrics
+        files = list((base / "tasks").glob("*.json"))
+        assert len(files) == len(cfg.tasks)
+    for f in (base / "tasks").glob("*.json"):
+        d = json.loads(f.read_text())
+        per_task[d["task"]] = d
+        assert d["counts"]["docs"] > 0
+    md = (base / "results.md").read_text()
+    for t in cfg.tasks:
+        assert t.name.rpartition("/")[2] in md
+    for a in cfg.aggregates:
+        assert a.name in md
+    with Image.open(base / "gallery.png") as im:
+        assert im.width > 200 and im.height > 100
+    return per_task
+
+
+def test_marqo_fashion_preset(tmp_path, bundle):
+    fx.build_marqo_fashion(tmp_path / "data", n=18)
+    cfg = preset("marqo_fashion", data_root=str(tmp_path / "data"))
+    metrics = evaluate_model(bundle, cfg, out_dir=tmp_path / "out")
+    per_task = check_outputs(tmp_path / "out", metrics, cfg)
+    # Queries: 18 unique texts; category queries = the unique values of the query column.
+    assert per_task["KAGL/text2image"]["counts"] == {"queries": 18, "docs": 18}
+    assert per_task["KAGL/category2product"]["counts"]["queries"] == 2
+    assert per_task["DeepFashion-InShop/subcategory2product"]["counts"]["queries"] == 4
+    assert per_task["iMaterialist/neckline2image"]["counts"]["queries"] == 3
+    # The leaderboard averages: text-to-image over the 6 sets that have it (not iMaterialist).
+    t2i = [t.name for t in cfg.tasks if t.name.endswith("/text2image")]
+    assert len(t2i) == 6
+    for m in ("recall@1", "recall@10", "mrr@10", "avg_recall"):
+        want = sum(metrics[f"marqo_fashion/{t}/{m}"] for t in t2i) / 6
+        assert metrics[f"marqo_fashion/avg/text2image/{m}"] == pytest.approx(want)
+    assert len([t for t in cfg.tasks if t.name.endswith("/category2product")]) == 5
+    assert len([t for t in cfg.tasks if t.name.endswith("/subcategory2product")]) == 4
+    # With 18 documents and top-10 retrieval, recall@10 of a unique-text query is >= 10/18 on average only by
+    # luck; what must hold exactly: precision/recall are consistent with the counts.
+    r = metrics["marqo_fashion/KAGL/text2image/avg_recall"]
+    assert r == pytest.approx((metrics["marqo_fashion/KAGL/text2image/recall@1"]
+                               + metrics["marqo_fashion/KAGL/text2image/recall@10"]) / 2)
+
+
+def test_marqo_ecommerce_preset_deduplicates_products(tmp_path, bundle):
+    fx.build_marqo_ecommerce(tmp_path / "data", products=16)
+    cfg = preset("marqo_ecommerce", data_root=str(tmp_path / "data"))
+    metrics = evaluate_model(bundle, cfg, out_dir=tmp_path / "out")
+    per_task = check_outputs(tmp_path / "out", metrics, cfg)
+    # 20 rows, 16 distinct item_IDs: one document per product; 3 category queries, 16 unique titles.
+    assert per_task["GoogleShopping/category2image"]["counts"] == {"queries": 3, "docs": 16}
+    assert per_task["GoogleShopping/text2image"]["counts"] == {"queries": 16, "docs": 16}
+    # k=1000 > 16 documents: every document is retrieved, so recall over the full list is 1 -> map > 0.
+    assert metrics["marqo_ecommerce/GoogleShopping/category2image/map@1000"] > 0
+
+
+def test_marqo_gs10m_preset_graded(tmp_path, bundle, caplog):
+    fx.build_marqo_gs10m(tmp_path / "data", products=12, queries=6)
+    cfg = preset("marqo_gs10m", data_root=str(tmp_path / "data"))
+    metrics = evaluate_model(bundle, cfg, out_dir=tmp_path / "out", step=7)
+    per_task = check_outputs(tmp_path / "out", metrics, cfg, stem="step_000007")
+    assert {t: d["counts"] for t, d in per_task.items()} == {
+        t: {"queries": 6, "docs": 12} for t in ("in_domain", "novel_query", "novel_corpus", "zero_shot")}
+    assert "name documents missing from the corpus" in caplog.text  # the "not-in-corpus" rows, counted
+    for m in ("ndcg@10", "err", "rbp@0.9"):
+        vals = [metrics[f"marqo_gs10m/{t}/{m}"] for t in per_task]
+        assert metrics[f"marqo_gs10m/avg/{m}"] == pytest.approx(sum(vals) / 4)
+
+
+def test_marqo_gs10m_subset_param(tmp_path, bundle):
+    fx.build_marqo_gs10m(tmp_path / "data", subset="marqo_gs_wfash_1m", products=6, queries=2)
+    cfg = preset("marqo_gs10m", data_root=str(tmp_path / "data"), params={"gs_subset": "marqo_gs_wfash_1m"},
+                 gallery={"enabled": False})
+    cfg.tasks = cfg.tasks[:1]
+    cfg.aggregates = []
+    assert "marqo_gs10m/in_domain/ndcg@10" in evaluate_model(bundle, cfg)
+
+
+def test_synthetic_preset(tmp_path, bundle):
+    from gcl.data.synthetic import ensure_catalog
+
+    root = ensure_catalog(tmp_path / "cat", products=300, seed=0, image_size=32)
+    splits = {k: v["pattern"] for k, v in json.loads((root / "catalog.json").read_text())["splits"].items()}
+    cfg = preset("synthetic")
+    metrics = evaluate_model(bundle, cfg, splits=splits, context_length={"title": 32}, out_dir=tmp_path / "out",
+                             step=3)
+    check_outputs(tmp_path / "out", metrics, cfg, stem="step_000003")
+    assert "synthetic/text2image_title/recall@1" in metrics
+    assert "synthetic/zeroshot_subcategory/f1_weighted" in metrics
+    assert "synthetic/avg/retrieval/mrr@10" in metrics
+
+
+def test_presets_fail_clearly_without_data(tmp_path, bundle):
+    with pytest.raises(MissingDataError, match="eval.data_root is not set"):
+        evaluate_model(bundle, preset("marqo_fashion"))
+    with pytest.raises(MissingDataError, match=r"huggingface-cli download Marqo/atlas .*--local-dir"):
+        evaluate_model(bundle, preset("marqo_fashion", data_root=str(tmp_path)))
+    with pytest.raises(MissingDataError, match="marqo-gs-dataset.tar"):
+        evaluate_model(bundle, preset("marqo_gs10m", data_root=str(tmp_path)))
+    with pytest.raises(MissingDataError, match="split 'val'"):
+        Evaluator(preset("synthetic"), splits={}).source_spec(preset("synthetic").tasks[0])
+
+
+# ------------------------------------------------------------------------------------ evaluate.py + loading
+
+def _trainer_checkpoint(run_dir: Path, bundle) -> Path:
+    """A checkpoint in the trainer's format (see gcl.train.Trainer.state_dict)."""
+    ck = run_dir / "checkpoints"
+    ck.mkdir(parents=True)
+    state = {"model": bundle.model.state_dict(), "step": 5, "config": "model: {name: gcl-tiny}\n",
+             "model_info": {"name": bundle.name, "pretrained": None, "config_path": None,
+                            "model_cfg": bundle.model_cfg, "preprocess_cfg": bundle.preprocess_cfg}}
+    torch.save(state, ck / "step_000005.pt")
+    (ck / "latest.json").write_text(json.dumps({"file": "step_000005.pt", "step": 5}))
+    return ck / "step_000005.pt"
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_model_for_eval_checkpoint_run_dir_and_export(tmp_path, bundle):
+    from gcl.export import export_model
+
+    with torch.no_grad():
+        bundle.model.logit_scale.fill_(2.5)  # a trained value, distinct from a fresh init
+    f = _trainer_checkpoint(tmp_path / "run", bundle)
+    mc = OmegaConf.create({"name": "unused", "pretrained": None, "config_path": None, "precision": "fp32",
+                          "cache_dir": None, "checkpoint": None})
+    for ref in (tmp_path / "run", f):
+        mc.checkpoint = str(ref)
+        got = load_model_for_eval(mc, work_dir=tmp_path)
+        assert _same_weights(got.model, bundle.model)
+    export = export_model(tmp_path / "run", tmp_path / "export")
+    mc.checkpoint = str(export)
+    assert _same_weights(load_model_for_eval(mc).model, bundle.model)
+    mc.checkpoint = str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="model.checkpoint"):
+        load_model_for_eval(mc)
+
+
+def test_unavailable_weights_fail_clearly(monkeypatch):
+    from gcl.model import WeightsUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mc = OmegaConf.create({"name": "ViT-B-16", "pretrained": "laion2b_s34b_b88k", "config_path": None,
+                          "precision": "fp32", "cache_dir": None, "checkpoint": None})
+    with pytest.raises(WeightsUnavailableError, match="pre-download"):
+        load_model_for_eval(mc)
+
+
+def test_evaluate_cli_on_a_checkpoint(tmp_path, bundle):
+    _trainer_checkpoint(tmp_path / "run", bundle)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "evaluate.py"), f"model.checkpoint={tmp_path / 'run'}", "eval=synthetic",
+           "data.synthetic.products=200", "data.synthetic.image_size=32",
+           f"data.synthetic.cache_dir={tmp_path / 'cat'}", "eval.num_workers=0", "device=cpu",
+           f"hydra.run.dir={tmp_path / 'out'}"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
+    assert "synthetic/text2image_title/recall@1" in metrics
+    assert "step_000005.pt" in (tmp_path / "out" / "eval" / "results.md").read_text()
