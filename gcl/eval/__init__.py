@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics, exact top-k retrieval, tasks and the evaluation runner."""

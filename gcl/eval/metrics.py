@@ -1,0 +1,323 @@
+"""Ranking metrics with pytrec_eval / trec_eval semantics, vectorised over queries.
+
+Two entry points share one implementation:
+
+* ``compute(qrels, run, metrics)`` / ``compute_per_query(...)`` take pytrec_eval's dict format
+  (``qrels = {qid: {docid: grade}}``, ``run = {qid: {docid: score}}``), order each query's run the way trec_eval
+  does, and build the arrays below.
+* ``compute_from_ranking(ranked_gains, ideal_gains, metrics)`` is the hot path for an evaluator that already
+  holds (Q x K) top-k document indices: no dicts, no per-query Python loop (see ``lookup_gains``).
+
+Metric names (``k`` a positive integer cut-off, ``p`` a persistence in (0, 1)):
+
+=================  ==========================================================  ========================
+name               definition (per query; ``rel`` = grade >= relevance_level)  trec_eval equivalent
+=================  ==========================================================  ========================
+``precision@k``    #rel in the top k / k (k even when fewer were retrieved)     ``P_k``
+``recall@k``       #rel in the top k / #rel judged (0 when none)                ``recall_k``
+``mrr`` ``mrr@k``  1 / rank of the first rel document (within the top k), or 0  ``recip_rank`` (uncut)
+``map`` ``map@k``  sum of precision@rank over rel ranks (<= k) / #rel judged    ``map``, ``map_cut_k``
+``ndcg`` ``ndcg@k``  DCG / ideal DCG, linear gain ``max(grade, 0)``,           ``ndcg``, ``ndcg_cut_k``
+                   discount ``log2(rank + 1)``; the ideal ranks *all* judged
+                   documents by grade (cut at k for ``ndcg@k``); 0 when the
+                   ideal is 0
+``err`` ``err@k``  sum_r R_r / r * prod_{i<r} (1 - R_i) with                   (GCL's ``calculate_err``)
+                   ``R = (2**g - 1) / 2**g_max``, ``g = max(grade, 0)``,
+                   ``g_max`` the query's largest judged grade; 0 when g_max <= 0
+``rbp@p``          (1 - p) * sum_r p**(r-1) * g_r / g_max (graded; with 0/1     (GCL's ``calculate_rbp``)
+                   grades it is binary RBP); over all retrieved documents;
+                   0 when g_max <= 0
+=================  ==========================================================  ========================
+
+Conventions, matched to pytrec_eval 0.5 (trec_eval 9) and checked against it in the tests:
+
+* **Order**: a query's run is sorted by score descending, ties by docid *descending* (byte-wise string
+  order), exactly as trec_eval does; all retrieved documents count (no 1000-document truncation).
+* **Which queries are averaged**: pytrec_eval evaluates the queries that are in the run *and* have a
+  non-empty judgement dict; a query whose judgements are all 0 is evaluated (and scores 0); a run entry
+  ``{}`` scores 0; queries in only one of the two dicts are ignored. ``compute`` returns the plain mean of the
+  per-query values over that set (what BEIR and GCL report), 0.0 for every metric when the set is empty.
+  ``complete=True`` instead averages over every query with judgements, queries missing from the run counting
+  0 (trec_eval ``-c``; GCL's ERR/RBP averaging).
+* Unjudged retrieved documents have grade 0; negative grades are judged non-relevant with zero gain.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "compute",
+    "compute_per_query",
+    "compute_from_ranking",
+    "compute_from_ranking_per_query",
+    "lookup_gains",
+    "parse_metric",
+    "Metric",
+]
+
+_CUT = re.compile(r"^(recall|precision|mrr|map|ndcg|err)@(\d+)$")
+_UNCUT = ("mrr", "map", "ndcg", "err")
+_RBP = re.compile(r"^rbp@(\d*\.?\d+(?:[eE]-?\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A parsed metric name: ``kind`` in recall|precision|mrr|map|ndcg|err|rbp, ``k`` a cut-off or None
+    (uncut), ``p`` RBP's persistence (``rbp`` only)."""
+
+    name: str
+    kind: str
+    k: int | None = None
+    p: float | None = None
+
+
+def parse_metric(name: str) -> Metric:
+    """Parse ``recall@10`` / ``ndcg`` / ``rbp@0.8`` ...; raise ValueError naming the accepted forms."""
+    m = _CUT.match(name)
+    if m:
+        k = int(m.group(2))
+        if k < 1:
+            raise ValueError(f"metric {name!r}: the cut-off must be >= 1")
+        return Metric(name, m.group(1), k=k)
+    if name in _UNCUT:
+        return Metric(name, name)
+    m = _RBP.match(name)
+    if m:
+        p = float(m.group(1))
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"metric {name!r}: RBP's persistence p must be in (0, 1), e.g. rbp@0.8")
+        return Metric(name, "rbp", p=p)
+    raise ValueError(
+        f"unknown metric {name!r}: use recall@k, precision@k, mrr, mrr@k, map, map@k, ndcg, ndcg@k, err, err@k "
+        f"or rbp@p (k a positive integer, 0 < p < 1), e.g. ['ndcg@10', 'map@1000', 'rbp@0.8']"
+    )
+
+
+def _as_f64(x: np.ndarray | torch.Tensor | Sequence, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"{what} must be 2-D [queries, positions], got shape {a.shape}")
+    return a
+
+
+def compute_from_ranking_per_query(
+    ranked_gains: np.ndarray | torch.Tensor,
+    ideal_gains: np.ndarray | torch.Tensor,
+    metrics: Sequence[str],
+    n_rel: np.ndarray | torch.Tensor | None = None,
+    relevance_level: int = 1,
+) -> dict[str, np.ndarray]:
+    """Per-query metric values from gain matrices (vectorised; no per-query Python).
+
+    Args:
+        ranked_gains: [Q, K] the judged grade of each query's retrieved documents in rank order (rank 1
+            first); 0 for unjudged documents and for padding when a query retrieved fewer than K (padding
+            with 0 changes no metric: precision@k divides by k regardless, as trec_eval does).
+        ideal_gains: [Q, J] the grades of each query's judged documents in any order, padded with 0. It may
+            be cut to the J largest grades per query if ``n_rel`` is given; uncut ``ndcg`` needs them all
+            (trec_eval's ideal ranks every judged document).
+        metrics: names (see the module docstring).
+        n_rel: [Q] number of judged documents with grade >= relevance_level; default: counted in
+            ``ideal_gains``.
+        relevance_level: the smallest grade that counts as relevant for the binary metrics (trec_eval -l).
+    Returns:
+        ``{metric: float64 ndarray[Q]}``.
+    """
+    parsed = [parse_metric(m) for m in metrics]
+    g = _as_f64(ranked_gains, "ranked_gains")
+    judged = _as_f64(ideal_gains, "ideal_gains")
+    nq, kk = g.shape
+    if judged.shape[0] != nq:
+        raise ValueError(f"ideal_gains has {judged.shape[0]} rows but ranked_gains has {nq}")
+    ideal = -np.sort(-np.maximum(judged, 0.0), axis=1)  # descending; negative grades carry no gain
+    if n_rel is None:
+        nrel = (judged >= relevance_level).sum(1).astype(np.float64)
+    else:
+        nrel = (n_rel.detach().cpu().numpy() if isinstance(n_rel, torch.Tensor) else np.asarray(n_rel))
+        nrel = nrel.astype(np.float64).reshape(-1)
+        if nrel.shape[0] != nq:
+            raise ValueError(f"n_rel has {nrel.shape[0]} entries but ranked_gains has {nq} rows")
+    gmax = ideal[:, 0] if ideal.shape[1] else np.zeros(nq)
+    gain = np.maximum(g, 0.0)
+    rel = g >= relevance_level
+    ranks = np.arange(1, kk + 1, dtype=np.float64)
+    safe_nrel = np.where(nrel > 0, nrel, 1.0)
+
+    cache: dict[str, np.ndarray] = {}
+
+    def once(name: str, fn):  # shared prefix sums across metrics
+        if name not in cache:
+            cache[name] = fn()
+        return cache[name]
+
+    def at(cum: np.ndarray, k: int | None) -> np.ndarray:
+        """cum[:, min(k, K) - 1] (0 when K == 0): a prefix sum read at cut-off k."""
+        if cum.shape[1] == 0:
+            return np.zeros(nq)
+        j = cum.shape[1] if k is None else min(k, cum.shape[1])
+        return cum[:, j - 1]
+
+    out: dict[str, np.ndarray] = {}
+    for m in parsed:
+        k = m.k
+        if m.kind == "precision":
+            out[m.name] = at(once("nrel_cum", lambda: np.cumsum(rel, 1, dtype=np.float64)), k) / k
+        elif m.kind == "recall":
+            hits = at(once("nrel_cum", lambda: np.cumsum(rel, 1, dtype=np.float64)), k)
+            out[m.name] = np.where(nrel > 0, hits / safe_nrel, 0.0)
+        elif m.kind == "mrr":
+            r = rel if k is None else rel[:, :k]
+            first = r.argmax(1) if r.shape[1] else np.zeros(nq, dtype=np.int64)
+            found = r.any(1) if r.shape[1] else np.zeros(nq, dtype=bool)
+            out[m.name] = np.where(found, 1.0 / (first + 1.0), 0.0)
+        elif m.kind == "map":
+            ap = once("ap_cum", lambda: np.cumsum(
+                np.where(rel, np.cumsum(rel, 1, dtype=np.float64) / ranks, 0.0), 1))
+            out[m.name] = np.where(nrel > 0, at(ap, k) / safe_nrel, 0.0)
+        elif m.kind == "ndcg":
+            dcg = at(once("dcg_cum", lambda: np.cumsum(gain / np.log2(ranks + 1.0), 1)), k)
+            icum = once("idcg_cum", lambda: np.cumsum(
+                ideal / np.log2(np.arange(2, ideal.shape[1] + 2, dtype=np.float64)), 1))
+            idcg = at(icum, k)
+            out[m.name] = np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0)
+        elif m.kind == "err":
+            def err_cum() -> np.ndarray:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    # 2**(g - gmax) - 2**(-gmax) == (2**g - 1) / 2**gmax without overflowing for large grades
+                    r_prob = np.where(gmax[:, None] > 0,
+                                      np.exp2(gain - gmax[:, None]) - np.exp2(-gmax[:, None]), 0.0)
+                keep = np.cumprod(1.0 - r_prob, 1)
+                before = np.concatenate([np.ones((nq, 1)), keep[:, :-1]], 1)  # P(user reaches rank r)
+                return np.cumsum(before * r_prob / ranks, 1)
+            out[m.name] = at(once("err_cum", err_cum), k)
+        else:  # rbp
+            p = float(m.p)
+            w = (1.0 - p) * np.power(p, ranks - 1.0)
+            safe = np.where(gmax > 0, gmax, 1.0)
+            out[m.name] = np.where(gmax > 0, (gain * w).sum(1) / safe, 0.0)
+    return out
+
+
+def compute_from_ranking(
+    ranked_gains: np.ndarray | torch.Tensor,
+    ideal_gains: np.ndarray | torch.Tensor,
+    metrics: Sequence[str],
+    n_rel: np.ndarray | torch.Tensor | None = None,
+    relevance_level: int = 1,
+) -> dict[str, float]:
+    """The mean over the Q rows of ``compute_from_ranking_per_query`` (same arguments); 0.0 when Q == 0."""
+    per = compute_from_ranking_per_query(ranked_gains, ideal_gains, metrics, n_rel, relevance_level)
+    return {m: float(v.mean()) if v.size else 0.0 for m, v in per.items()}
+
+
+def lookup_gains(
+    indices: np.ndarray | torch.Tensor,
+    judged_docs: np.ndarray | torch.Tensor,
+    judged_grades: np.ndarray | torch.Tensor,
+) -> np.ndarray:
+    """Grades of retrieved document indices, vectorised (sort + binary search, no per-query Python).
+
+    Args:
+        indices: [Q, K] int document indices retrieved per query (e.g. ``topk``'s output); -1 = no document.
+        judged_docs: [Q, J] int document indices judged for each query, padded with -1.
+        judged_grades: [Q, J] their grades (padding ignored).
+    Returns:
+        float64 [Q, K]: the grade of each retrieved document for its query, 0 where unjudged.
+    """
+    def np_(x: np.ndarray | torch.Tensor) -> np.ndarray:
+        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    idx = np_(indices).astype(np.int64)
+    jd = np_(judged_docs).astype(np.int64)
+    jg = np_(judged_grades).astype(np.float64)
+    if idx.ndim != 2 or jd.shape != jg.shape or jd.ndim != 2 or jd.shape[0] != idx.shape[0]:
+        raise ValueError(f"lookup_gains: need indices [Q,K], judged_docs/judged_grades [Q,J] with the same Q; "
+                         f"got {idx.shape}, {jd.shape}, {jg.shape}")
+    out = np.zeros(idx.shape, dtype=np.float64)
+    valid = jd >= 0
+    if not valid.any() or idx.size == 0:
+        return out
+    width = int(max(jd.max(), idx.max())) + 2  # row-major composite key (query, doc); doc -1 -> slot 0
+    qj = np.nonzero(valid)
+    jkeys = qj[0].astype(np.int64) * width + jd[qj] + 1
+    order = np.argsort(jkeys, kind="stable")
+    jkeys, jvals = jkeys[order], jg[qj][order]
+    if np.any(jkeys[1:] == jkeys[:-1]):
+        raise ValueError("lookup_gains: a document is judged twice for the same query in judged_docs")
+    rkeys = np.arange(idx.shape[0], dtype=np.int64)[:, None] * width + np.where(idx >= 0, idx + 1, 0)
+    pos = np.searchsorted(jkeys, rkeys).clip(max=jkeys.size - 1)
+    hit = (jkeys[pos] == rkeys) & (idx >= 0)
+    out[hit] = jvals[pos[hit]]
+    return out
+
+
+def _arrays(
+    qrels: Mapping[str, Mapping[str, int]],
+    run: Mapping[str, Mapping[str, float]],
+    complete: bool,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Dicts -> (query ids, ranked grades [Q, K], judged grades [Q, J]) in trec_eval's order."""
+    qids = [q for q in qrels if len(qrels[q]) > 0 and (complete or q in run)]
+    kmax = max((len(run.get(q, ())) for q in qids), default=0)
+    jmax = max((len(qrels[q]) for q in qids), default=0)
+    ranked = np.zeros((len(qids), kmax))
+    ideal = np.zeros((len(qids), jmax))
+    for i, q in enumerate(qids):
+        judged = qrels[q]
+        ideal[i, : len(judged)] = list(judged.values())
+        docs = run.get(q)
+        if not docs:
+            continue
+        for s in docs.values():
+            if math.isnan(s):
+                raise ValueError(f"run[{q!r}] has a NaN score; fix the scores (NaN has no rank)")
+        # trec_eval: score descending, then docid descending (strcmp), which reverse=True on the pair gives
+        order = sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+        ranked[i, : len(order)] = [judged.get(d, 0) for d, _ in order]
+    return qids, ranked, ideal
+
+
+def compute_per_query(
+    qrels: Mapping[str, Mapping[str, int]],
+    run: Mapping[str, Mapping[str, float]],
+    metrics: Sequence[str],
+    relevance_level: int = 1,
+    complete: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Per-query values in pytrec_eval's output shape ``{qid: {metric: value}}``.
+
+    The queries are those pytrec_eval evaluates (in the run and with a non-empty judgement dict), or every
+    judged query when ``complete`` (missing ones score 0). See the module docstring for the definitions.
+    """
+    qids, ranked, ideal = _arrays(qrels, run, complete)
+    per = compute_from_ranking_per_query(ranked, ideal, metrics, relevance_level=relevance_level)
+    return {q: {m: float(per[m][i]) for m in per} for i, q in enumerate(qids)}
+
+
+def compute(
+    qrels: Mapping[str, Mapping[str, int]],
+    run: Mapping[str, Mapping[str, float]],
+    metrics: Sequence[str],
+    relevance_level: int = 1,
+    complete: bool = False,
+) -> dict[str, float]:
+    """Mean of each metric over the evaluated queries (see the module docstring), e.g.
+    ``compute(qrels, run, ["ndcg@10", "map@1000", "mrr@10", "recall@10", "err", "rbp@0.8"])``.
+
+    Args:
+        qrels: ``{qid: {docid: grade}}`` (int grades; >= relevance_level is relevant).
+        run: ``{qid: {docid: score}}`` (higher is better; ties broken by docid descending like trec_eval).
+        metrics: metric names; the result has exactly these keys.
+        relevance_level: the smallest relevant grade for the binary metrics (pytrec_eval's relevance_level).
+        complete: average over every judged query (missing from the run = 0), like ``trec_eval -c``.
+    """
+    qids, ranked, ideal = _arrays(qrels, run, complete)
+    return compute_from_ranking(ranked, ideal, metrics, relevance_level=relevance_level)
