@@ -386,7 +386,8 @@ def model_card(src: ExportSource, cfg: dict[str, Any], *, metrics: dict[str, Any
     loss = train_cfg.get("loss")
     siglip = "init_logit_bias" in cfg["model_cfg"]
     base = base_model_id(src.name, src.pretrained)
-    title = repo_id.split("/")[-1] if repo_id else out_dir.name
+    # Not the folder name: the trainer's default folder is just "export".
+    title = repo_id.split("/")[-1] if repo_id else f"gcl fine-tune of {src.name}"
 
     tags = ["clip", "open_clip", "gcl", "generalized-contrastive-learning", "image-text-retrieval"]
     if siglip:

@@ -161,7 +161,7 @@ def test_model_card(clip_bundle, tmp_path):
     assert head["library_name"] == "open_clip" and head["license"] == "mit"
     assert {"clip", "open_clip", "gcl"} <= set(head["tags"])
     assert "base_model" not in head  # random init: no Hub base model to link
-    assert "randomly initialised" in card and "`gcl-tiny`" in card
+    assert "randomly initialised" in card and "`gcl-tiny`" in card and "# gcl fine-tune of gcl-tiny" in card
     assert re.search(r"\| title_image \| title \| image \| 0\.7 \| none \|", card)
     assert re.search(r"\| query_product \| query \| 0\.9·image \+ 0\.1·title \| 0\.3 \| linear \(score\) \|", card)
     assert "synthetic" in card and "160 products" in card
@@ -337,6 +337,7 @@ def test_push_makes_exact_hub_calls(clip_bundle, tmp_path, monkeypatch, caplog, 
     assert upload["files"] == sorted([CARD_NAME, CONFIG_NAME, WEIGHTS_NAME])
     assert upload["token"] == TOKEN  # the token reaches the client, and nothing else
     card = (out / CARD_NAME).read_text()
+    assert "# fashion-tiny" in card
     assert "open_clip.create_model_and_transforms('hf-hub:my-org/fashion-tiny')" in card
     printed = capsys.readouterr()
     assert "hf-hub:my-org/fashion-tiny" in printed.out
