@@ -1,0 +1,822 @@
+"""Webdataset shards -> batches of preprocessed images and per-field tokens, with exact mid-epoch resume.
+
+The pipeline, per DataLoader worker ("slot" = one worker of one rank)::
+
+    shard lists  -> per-source cursors (epoch shuffle + rank x worker split, or resampled draws)
+                 -> weighted per-sample mix of sources            (raw bytes, nothing decoded yet)
+                 -> block shuffle (permute blocks of ``shuffle_buffer`` raw samples)
+                 -> decode json + RGB image, list->string rule, seeded image transform
+                 -> batch of ``batch_size`` good samples, tokenized per field, trimmed per field
+
+Why a block shuffle rather than webdataset's rolling buffer: its state is two integers (block number,
+index inside the block) plus where the block started in each source, so a resumed stream re-reads at
+most one block of raw bytes (never decoding the samples it skips) and reproduces the uninterrupted
+stream exactly. Every random choice is a pure function of ``(seed, slot, position)``: shard order of
+``(seed, source, epoch)`` (the same on every rank, so ranks split it disjointly), block permutations of
+``(seed, slot, block)``, augmentation and list sampling of ``(seed, slot, block, index)``.
+
+Batches are made inside the workers; the DataLoader hands them over round-robin (worker 0, 1, ...),
+so the main process knows which worker made each batch and records that worker's position after it.
+On resume, physical worker ``i`` plays logical worker ``(i + next) % num_workers``, which makes the
+round-robin continue where it stopped.
+
+Bad samples never stop the loader: each is skipped, counted by reason (``SKIP_REASONS``) and logged
+with its key (rate-limited). ``batch["skipped"]`` holds the counts since the same worker's previous
+batch (deltas, so micro-batches and ranks can simply be summed); ``TrainStream.skipped`` holds totals.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen, gopen_schemes
+from webdataset.shardlists import expand_urls as _wds_expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from gcl.data.schema import IMAGE_EXTS, stable_hash
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+SKIP_REASONS: tuple[str, ...] = (
+    "missing_json", "bad_json", "bad_field", "missing_image", "corrupt_image", "transform_error",
+    "shard_error",
+)
+LIST_RULES: tuple[str, ...] = ("join", "sample")
+STATE_VERSION = 1
+# A worker that skips this many samples in a row is reading garbage; stop instead of spinning forever.
+_MAX_CONSECUTIVE_SKIPS = 10_000
+_MIX_CHUNK = 1024  # per-sample source choices are drawn this many at a time (one RNG per chunk)
+# Salts keep the RNG streams of different purposes independent for the same (seed, ...) numbers.
+_SALT_EPOCH, _SALT_RESAMPLE, _SALT_MIX, _SALT_BLOCK, _SALT_SAMPLE = 1, 2, 3, 4, 5
+
+
+# ----------------------------------------------------------------------------------------------- URLs
+
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file") and not url.startswith("pipe:")
+
+
+def _expand_one(pattern: str) -> list[str]:
+    """Brace-expand (and for local paths, glob / list a directory / check existence) one pattern."""
+    out: list[str] = []
+    for url in _wds_expand_urls(pattern):  # splits on '::', expands ${WDS_*} and braces
+        if not _is_local(url):
+            out.append(url)  # pipe:, s3://, gs://, http(s)://...: cannot be checked cheaply
+            continue
+        path = urlparse(url).path if url.startswith("file:") else url
+        if any(c in path for c in "*?["):
+            found = sorted(glob.glob(path))
+        elif os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "*.tar")))
+        else:
+            found = [path] if os.path.isfile(path) else []
+        if not found:
+            raise FileNotFoundError(
+                f"shard pattern {pattern!r} matches nothing ({path!r} does not exist); "
+                "check the path/brace range, or generate the data first (python -m gcl.data.synthetic)"
+            )
+        out.extend(found)
+    return out
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """All shard URLs of ``urls`` in order: brace patterns (``dir/shard-{000000..000009}.tar``), '::'-joined
+    patterns, local directories (their ``*.tar``), local globs, ``pipe:CMD`` and fsspec URLs (``s3://...``).
+
+    Raises FileNotFoundError naming the pattern when a local path matches nothing, ValueError when empty.
+    """
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    out = [u for p in patterns for u in _expand_one(p)]
+    if not out:
+        raise ValueError(f"no shard URLs in {urls!r}; pass a brace pattern such as 'dir/shard-{{000000..000009}}.tar'")
+    return out
+
+
+def _open_url(url: str) -> Any:
+    """Open a shard for reading: local files and ``pipe:`` / http / gs through webdataset's gopen, other
+    schemes (s3://, az://, hf://, ...) through fsspec (the protocol's package, e.g. s3fs, must be installed)."""
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file") or scheme in gopen_schemes:
+        return gopen(url, "rb")
+    import fsspec  # only needed for object stores
+
+    try:
+        return fsspec.open(url, "rb").open()
+    except ImportError as exn:
+        raise ImportError(
+            f"reading {url!r} needs an fsspec backend for {scheme!r} ({exn}); install it (e.g. pip install "
+            f"s3fs / gcsfs / adlfs) or stream it with a pipe: URL such as 'pipe:aws s3 cp {url} -'"
+        ) from exn
+
+
+def _iter_shard(url: str, on_error: Callable[[str, str, BaseException], None]) -> Iterator[dict[str, Any]]:
+    """Raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard, in file order.
+
+    Unreadable shards and broken tar members are reported through ``on_error`` and the rest is skipped,
+    so a damaged shard costs its damaged part only.
+    """
+    def handler(exn: BaseException) -> bool:
+        on_error("shard_error", url, exn)
+        return True  # continue with the next member (or end this shard when the tar stream is broken)
+
+    try:
+        stream = _open_url(url)
+    except Exception as exn:  # noqa: BLE001 - any open failure (missing file, network) is a counted skip
+        on_error("shard_error", url, exn)
+        return
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        yield from group_by_keys(files, handler=handler)
+    finally:
+        stream.close()
+
+
+# ----------------------------------------------------------------------------------- raw sample cursors
+
+class _SourceCursor:
+    """Infinite iterator over the raw samples one slot reads from one source, resumable from its state.
+
+    State ``{"epoch", "shard", "offset", "seen"}``: the next sample is number ``offset`` (in tar order) of
+    shard ``shard`` of this slot's shard list for ``epoch``, and ``seen`` raw samples of that list came
+    before it. After ``next()`` returns, ``state()`` is the position right after the returned sample.
+
+    Epoch mode: the source's shards are permuted by ``(seed, source, epoch)``, identically on every rank;
+    slot ``s`` of ``n`` takes every n-th shard. With fewer shards than slots, every slot reads all shards
+    and keeps the epoch's raw sample number ``c`` iff ``c % n == s`` (disjoint and complete, at n-fold
+    read cost; a warning says so). Resampled mode: "epoch" ``e`` is a chunk of ``ceil(shards / slots)`` shards
+    drawn with replacement by ``(seed, source, slot, e)``.
+    """
+
+    def __init__(self, urls: list[str], *, source: int, seed: int, resampled: bool, slot: int, n_slots: int,
+                 state: dict[str, int], on_error: Callable[[str, str, BaseException], None]) -> None:
+        self.urls, self.source, self.seed, self.resampled = urls, source, seed, resampled
+        self.slot, self.n_slots, self.on_error = slot, n_slots, on_error
+        self.epoch, self.shard, self.offset = int(state["epoch"]), int(state["shard"]), int(state["offset"])
+        self.seen = int(state.get("seen", 0))
+        self.sample_split = not resampled and len(urls) < n_slots
+        self._gen = self._generate()
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "seen": self.seen}
+
+    def plan(self, epoch: int) -> list[str]:
+        """This slot's shard URLs for ``epoch``, in reading order."""
+        n = len(self.urls)
+        if self.resampled:
+            rng = np.random.default_rng([self.seed, _SALT_RESAMPLE, self.source, self.slot, epoch])
+            return [self.urls[i] for i in rng.integers(0, n, size=math.ceil(n / self.n_slots))]
+        perm = np.random.default_rng([self.seed, _SALT_EPOCH, self.source, epoch]).permutation(n)
+        if self.sample_split:
+            return [self.urls[i] for i in perm]
+        return [self.urls[i] for i in perm[self.slot::self.n_slots]]
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._gen)
+
+    def _generate(self) -> Iterator[dict[str, Any]]:
+        empty_rounds = 0
+        while True:
+            plan = self.plan(self.epoch)
+            whole_epoch = self.shard == 0 and self.offset == 0
+            produced = 0
+            while self.shard < len(plan):
+                for i, raw in enumerate(_iter_shard(plan[self.shard], self.on_error)):
+                    if i < self.offset:
+                        continue  # resuming: skip raw bytes, decode nothing
+                    c = self.seen
+                    self.offset, self.seen = i + 1, c + 1
+                    if self.sample_split and c % self.n_slots != self.slot:
+                        continue
+                    produced += 1
+                    yield raw
+                self.shard, self.offset = self.shard + 1, 0
+            self.epoch, self.shard, self.offset, self.seen = self.epoch + 1, 0, 0, 0
+            empty_rounds = empty_rounds + 1 if (whole_epoch and produced == 0) else 0
+            # Epoch mode: a whole empty epoch means this slot can never get data. Resampled: tolerate a
+            # few unlucky draws of empty shards first.
+            if empty_rounds >= (20 if self.resampled else 1):
+                raise RuntimeError(
+                    f"data slot {self.slot} of {self.n_slots} read no samples from source {self.source} "
+                    f"in a whole {'chunk' if self.resampled else 'epoch'} (shards {plan[:3]}...); the shards "
+                    "are empty or unreadable (see the shard_error warnings), or the source has fewer samples "
+                    "than ranks x workers"
+                )
+
+
+class _Mixer:
+    """Raw samples of one slot: one pooled source, or a per-sample weighted choice among sources.
+
+    State ``{"t": draws so far, "sources": [cursor states]}``; source choice number ``t`` is a pure
+    function of ``(seed, slot, t)``.
+    """
+
+    def __init__(self, sources: list[list[str]], weights: list[float] | None, *, seed: int, resampled: bool,
+                 slot: int, n_slots: int, state: dict[str, Any],
+                 on_error: Callable[[str, str, BaseException], None]) -> None:
+        self.seed, self.slot = seed, slot
+        self.cursors = [
+            _SourceCursor(urls, source=i, seed=seed, resampled=resampled, slot=slot, n_slots=n_slots,
+                          state=st, on_error=on_error)
+            for i, (urls, st) in enumerate(zip(sources, state["sources"]))
+        ]
+        self.p = None if weights is None else np.asarray(weights, dtype=np.float64) / float(sum(weights))
+        self.t = int(state["t"])
+        self._chunk_no, self._chunk = -1, np.zeros(0, dtype=np.int64)
+
+    def state(self) -> dict[str, Any]:
+        return {"t": self.t, "sources": [c.state() for c in self.cursors]}
+
+    def next(self) -> dict[str, Any]:
+        i = 0
+        if self.p is not None:
+            chunk_no = self.t // _MIX_CHUNK
+            if chunk_no != self._chunk_no:
+                rng = np.random.default_rng([self.seed, _SALT_MIX, self.slot, chunk_no])
+                self._chunk_no, self._chunk = chunk_no, rng.choice(len(self.p), size=_MIX_CHUNK, p=self.p)
+            i = int(self._chunk[self.t % _MIX_CHUNK])
+        self.t += 1
+        return next(self.cursors[i])
+
+
+def _fresh_position(n_sources: int) -> dict[str, Any]:
+    return {"block": 0, "j": 0,
+            "start": {"t": 0, "sources": [{"epoch": 0, "shard": 0, "offset": 0, "seen": 0}
+                                          for _ in range(n_sources)]},
+            "skipped": {}}
+
+
+# ------------------------------------------------------------------------------------ decode + collate
+
+class _Skip(Exception):
+    """A sample that cannot be used; ``args[0]`` is its reason (one of SKIP_REASONS)."""
+
+
+def _to_text(value: Any, field: str, rule: str, sep: str, rng: random.Random | None) -> str | None:
+    """The final string of a field value; None when missing/empty. Raises _Skip for non-string values."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise _Skip("bad_field", f"field {field!r} is a list with non-string elements")
+        items = [v.strip() for v in value if v.strip()]
+        if not items:
+            return None
+        if rule == "join":
+            return sep.join(items)
+        return items[(rng or random).randrange(len(items))]
+    raise _Skip("bad_field", f"field {field!r} is a {type(value).__name__}, expected a string or list of strings")
+
+
+def _to_float(value: Any, field: str) -> float:
+    if value is None or value == "":
+        return math.nan
+    if isinstance(value, bool):
+        raise _Skip("bad_field", f"field {field!r} is a bool, expected a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise _Skip("bad_field", f"field {field!r}={value!r} is not a number") from None
+
+
+class _Decoder:
+    """Raw sample -> dict(image, text, item_id, score, position, key), or _Skip(reason)."""
+
+    def __init__(self, fields: list[str], image_transform: Callable[[Image.Image], torch.Tensor],
+                 list_rule: str, list_sep: str) -> None:
+        self.fields, self.transform, self.rule, self.sep = fields, image_transform, list_rule, list_sep
+
+    def __call__(self, raw: dict[str, Any], rng: random.Random | None) -> dict[str, Any]:
+        key = raw["__key__"]
+        if "json" not in raw:
+            raise _Skip("missing_json", "no .json member")
+        try:
+            meta = json.loads(raw["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+            raise _Skip("bad_json", str(exn)) from None
+        if not isinstance(meta, dict):
+            raise _Skip("bad_json", f"json is a {type(meta).__name__}, expected an object")
+        # Cheap checks first: a sample that fails them costs no image decode.
+        text = {f: _to_text(meta.get(f), f, self.rule, self.sep, rng) for f in self.fields}
+        item_id = meta.get("item_id")
+        if item_id is not None and not isinstance(item_id, (str, int)):
+            raise _Skip("bad_field", f"item_id is a {type(item_id).__name__}")
+        score, position = _to_float(meta.get("score"), "score"), _to_float(meta.get("position"), "position")
+        ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        if ext is None:
+            raise _Skip("missing_image", f"no image member (.{'/.'.join(IMAGE_EXTS)})")
+        try:
+            with Image.open(io.BytesIO(raw[ext])) as im:
+                im.load()  # force the full decode here so truncated files fail now
+                img = im.convert("RGB")
+        except Exception as exn:  # noqa: BLE001 - PIL raises many types for bad bytes
+            raise _Skip("corrupt_image", repr(exn)) from None
+        try:
+            image = self.transform(img)
+        except Exception as exn:  # noqa: BLE001
+            raise _Skip("transform_error", repr(exn)) from None
+        return {"image": image, "text": text, "key": key,
+                "item_id": str(item_id) if item_id not in (None, "") else key,
+                "score": score, "position": position}
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """Pad token id of an open_clip tokenizer: the HF tokenizer's ``pad_token_id``, else 0 (SimpleTokenizer)."""
+    inner = getattr(tokenizer, "tokenizer", None)
+    pad = getattr(inner, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+class _Collator:
+    """Decoded samples -> the batch dict of docs/architecture.md (see ``build_train_stream``)."""
+
+    def __init__(self, tokenizer: Any, context_length: dict[str, int], fields: list[str], trim: bool) -> None:
+        self.tok, self.ctx, self.fields, self.trim = tokenizer, context_length, fields, trim
+        self.pad = pad_id_of(tokenizer)
+
+    def tokens(self, texts: list[str | None], n: int) -> torch.Tensor:
+        """LongTensor[B, L<=n]: rows of missing texts are all pad; trailing all-pad columns dropped."""
+        out = torch.full((len(texts), n), self.pad, dtype=torch.long)
+        idx = [i for i, t in enumerate(texts) if t is not None]
+        if idx:
+            out[idx] = self.tok([texts[i] for i in idx], context_length=n).long()
+        if self.trim:
+            used = (out != self.pad).any(dim=0).nonzero()
+            # Keep >= 1 column so an all-missing field is [B, 1] of pad, never a zero-size tensor.
+            out = out[:, : max(1, int(used[-1]) + 1 if len(used) else 1)].contiguous()
+        return out
+
+    def __call__(self, samples: list[dict[str, Any]], skipped: dict[str, int]) -> Batch:
+        text = {f: [s["text"][f] for s in samples] for f in self.fields}
+        present = {f: torch.tensor([t is not None for t in ts], dtype=torch.bool) for f, ts in text.items()}
+        present["image"] = torch.ones(len(samples), dtype=torch.bool)
+        return {
+            "image": torch.stack([s["image"] for s in samples]),
+            "tokens": {f: self.tokens(ts, self.ctx[f]) for f, ts in text.items()},
+            "present": present,
+            "text_id": {f: torch.tensor([stable_hash(t) if t is not None else 0 for t in ts], dtype=torch.long)
+                        for f, ts in text.items()},
+            "item_id": torch.tensor([stable_hash(s["item_id"]) for s in samples], dtype=torch.long),
+            "score": torch.tensor([s["score"] for s in samples], dtype=torch.float32),
+            "position": torch.tensor([s["position"] for s in samples], dtype=torch.float32),
+            "text": text,
+            "key": [s["key"] for s in samples],
+            "skipped": dict(skipped),
+        }
+
+
+class _SkipLog:
+    """Counts skipped samples by reason and logs each with its key: the first 5 per reason, then at powers
+    of two (deterministic rate limit, so a shard full of bad samples cannot flood the log)."""
+
+    def __init__(self, where: str, totals: dict[str, int] | None = None) -> None:
+        self.where = where
+        self.totals: Counter[str] = Counter(totals or {})
+        self.delta: Counter[str] = Counter()
+
+    def __call__(self, reason: str, key: str, detail: Any) -> None:
+        self.totals[reason] += 1
+        self.delta[reason] += 1
+        n = self.totals[reason]
+        if n <= 5 or (n & (n - 1)) == 0:
+            logger.warning("skipped sample %s (%s, %s #%d in %s): %s", key, reason, reason, n, self.where, detail)
+
+    def take_delta(self) -> dict[str, int]:
+        out, self.delta = dict(self.delta), Counter()
+        return out
+
+
+def _seed_all(s: int) -> random.Random:
+    """Seed the global RNGs that torchvision transforms use; return a private RNG for list sampling.
+
+    Only the CPU generator: ``torch.manual_seed`` would also reseed CUDA, which in-process loading
+    (num_workers=0) must not touch.
+    """
+    torch.default_generator.manual_seed(s)
+    random.seed(s)
+    return random.Random(s)
+
+
+# ----------------------------------------------------------------------------------------- training
+
+class _TrainDataset(IterableDataset):
+    """Each (logical) worker yields full batches forever, tagged with ``_worker`` and ``_pos``."""
+
+    def __init__(self, spec: dict[str, Any], positions: list[dict[str, Any]], first_worker: int) -> None:
+        super().__init__()
+        self.spec, self.positions, self.first_worker = spec, positions, first_worker
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        n_logical = len(self.positions)
+        logical = ((info.id if info is not None else 0) + self.first_worker) % n_logical
+        return _worker_batches(self.spec, logical, self.positions[logical], in_worker=info is not None)
+
+
+def _worker_batches(spec: dict[str, Any], logical: int, pos: dict[str, Any], *, in_worker: bool) -> Iterator[Batch]:
+    n_logical = spec["num_workers"] or 1
+    slot = spec["rank"] * n_logical + logical
+    n_slots = spec["world_size"] * n_logical
+    seed, block_size, batch_size = spec["seed"], spec["block_size"], spec["batch_size"]
+    log = _SkipLog(f"rank {spec['rank']} worker {logical}", pos["skipped"])
+    mixer = _Mixer(spec["sources"], spec["weights"], seed=seed, resampled=spec["resampled"], slot=slot,
+                   n_slots=n_slots, state=pos["start"], on_error=lambda r, url, e: log(r, url, repr(e)))
+    decode = _Decoder(spec["fields"], spec["image_transform"], spec["list_rule"], spec["list_sep"])
+    collate = _Collator(spec["tokenizer"], spec["context_length"], spec["fields"], spec["trim_tokens"])
+    block_no, j0 = int(pos["block"]), int(pos["j"])
+    pending: list[dict[str, Any]] = []
+    consecutive_skips = 0
+    saved_rng = None
+    while True:
+        start = mixer.state()
+        block = [mixer.next() for _ in range(block_size)]
+        end = mixer.state()
+        order = np.random.default_rng([seed, _SALT_BLOCK, slot, block_no]).permutation(block_size)
+        for j in range(j0, block_size):
+            if not in_worker and saved_rng is None:
+                # In-process loading must not disturb the trainer's RNG streams (dropout, etc.).
+                saved_rng = (torch.random.get_rng_state(), random.getstate())
+            raw = block[order[j]]
+            block[order[j]] = None  # free the bytes early
+            rng = _seed_all(int(np.random.SeedSequence([seed, _SALT_SAMPLE, slot, block_no, j]).generate_state(1)[0]))
+            try:
+                pending.append(decode(raw, rng))
+                consecutive_skips = 0
+            except _Skip as skip:
+                log(skip.args[0], raw["__key__"], f"{skip.args[1] if len(skip.args) > 1 else ''} @ {raw['__url__']}")
+                consecutive_skips += 1
+                if consecutive_skips >= _MAX_CONSECUTIVE_SKIPS:
+                    raise RuntimeError(
+                        f"{consecutive_skips} consecutive samples were unusable in rank {spec['rank']} worker "
+                        f"{logical} (counts {dict(log.totals)}); check the shards' schema (docs: shard schema)"
+                    ) from None
+                continue
+            if len(pending) == batch_size:
+                nxt = ({"block": block_no, "j": j + 1, "start": start} if j + 1 < block_size
+                       else {"block": block_no + 1, "j": 0, "start": end})
+                batch = collate(pending, log.take_delta())
+                batch["_worker"] = logical
+                batch["_pos"] = {**nxt, "skipped": dict(log.totals)}
+                pending = []
+                if saved_rng is not None:
+                    torch.random.set_rng_state(saved_rng[0])
+                    random.setstate(saved_rng[1])
+                    saved_rng = None
+                yield batch
+        block_no, j0 = block_no + 1, 0
+
+
+class TrainStream:
+    """Infinite, exactly resumable stream of training batches (see ``build_train_stream``).
+
+    ``for batch in stream`` yields full batches forever; iterating again continues where the last
+    iteration's consumer stopped (batches prefetched but never yielded are not lost).
+    ``state_dict()`` is JSON-able and describes exactly the batches yielded so far; ``load_state_dict``
+    (before iterating) makes the stream continue from there, bit-identically for the same configuration.
+    Each rank has its own state: save all ranks' states (e.g. ``all_gather_object``) and give each rank
+    its own back; ``load_state_dict`` also accepts the list of all ranks' states and picks ``rank``'s.
+    """
+
+    def __init__(self, spec: dict[str, Any], *, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
+        self._spec = spec
+        self.num_workers: int = spec["num_workers"]
+        self.rank: int = spec["rank"]
+        self.pad_id: int = pad_id_of(spec["tokenizer"])
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        n_logical = max(1, self.num_workers)
+        self._positions = [_fresh_position(len(spec["sources"])) for _ in range(n_logical)]
+        self._next_worker = 0
+        self._batches = 0
+
+    # -- state
+    def _fingerprint(self) -> dict[str, Any]:
+        s = self._spec
+        return {"sources": [[len(u), stable_hash("\n".join(u))] for u in s["sources"]], "weights": s["weights"],
+                "resampled": s["resampled"], "seed": s["seed"], "block_size": s["block_size"],
+                "batch_size": s["batch_size"], "fields": s["fields"], "list_rule": s["list_rule"],
+                "num_workers": s["num_workers"], "world_size": s["world_size"], "rank": s["rank"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able position after the batches yielded so far: per logical worker ``{"block", "j", "start",
+        "skipped"}``, the worker that makes the next batch, the batch count and a configuration fingerprint."""
+        return json.loads(json.dumps({
+            "version": STATE_VERSION, "config": self._fingerprint(), "batches": self._batches,
+            "next_worker": self._next_worker, "workers": self._positions,
+        }))
+
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]], strict: bool = False) -> None:
+        """Continue from ``state`` (this rank's, or a list of all ranks' states). With a different data
+        configuration or topology (workers, world size) exact resume is impossible: ``strict`` raises,
+        otherwise each source restarts at the start of the earliest saved epoch (a warning says so)."""
+        if isinstance(state, list):
+            mine = [s for s in state if s.get("config", {}).get("rank") == self.rank]
+            if len(mine) != 1:
+                raise ValueError(f"expected exactly one state for rank {self.rank} in the list, found {len(mine)}")
+            state = mine[0]
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data stream state version {state.get('version')!r}; this code reads {STATE_VERSION}")
+        here = self._fingerprint()
+        diff = sorted(k for k in here if state["config"].get(k) != here[k])
+        self._batches = int(state["batches"])
+        if not diff:
+            self._positions = [dict(p) for p in state["workers"]]
+            self._next_worker = int(state["next_worker"])
+            return
+        msg = f"data stream state differs from this configuration in {diff}; exact resume is impossible"
+        if strict:
+            raise ValueError(msg + " (resume with the same data/loader settings or pass strict=False)")
+        n_src = len(self._spec["sources"])
+        saved = [w["start"]["sources"] for w in state["workers"]]
+        epochs = [min(w[i]["epoch"] for w in saved) if len(saved[0]) == n_src else 0 for i in range(n_src)]
+        totals: Counter[str] = Counter()
+        for w in state["workers"]:
+            totals.update(w["skipped"])
+        logger.warning("%s; restarting each source at the start of epoch %s", msg, epochs)
+        self._positions = [_fresh_position(n_src) for _ in self._positions]
+        for p in self._positions:
+            p["start"]["sources"] = [{"epoch": e, "shard": 0, "offset": 0, "seen": 0} for e in epochs]
+        self._positions[0]["skipped"] = dict(totals)  # keep the totals in one place
+        self._next_worker = 0
+
+    # -- progress
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Total skipped samples by reason over all workers, up to the last yielded batch."""
+        out: Counter[str] = Counter()
+        for p in self._positions:
+            out.update(p["skipped"])
+        return dict(out)
+
+    @property
+    def epoch(self) -> int:
+        """The earliest epoch (of source 0) any worker is reading: a progress indicator."""
+        return min(p["start"]["sources"][0]["epoch"] for p in self._positions)
+
+    @property
+    def batches(self) -> int:
+        """Batches yielded so far (over the stream's life, resumes included)."""
+        return self._batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        n_logical = max(1, self.num_workers)
+        ds = _TrainDataset(self._spec, [dict(p) for p in self._positions], self._next_worker)
+        if self.num_workers == 0:
+            it: Iterator[Batch] = iter(ds)
+        else:
+            it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                 prefetch_factor=self.prefetch_factor, persistent_workers=False))
+        try:
+            for batch in it:
+                w = batch.pop("_worker")
+                pos = batch.pop("_pos")
+                if w != self._next_worker:  # the resume bookkeeping relies on strict round-robin
+                    raise RuntimeError(f"DataLoader returned worker {w}'s batch, expected {self._next_worker}")
+                self._positions[w] = pos
+                self._next_worker = (w + 1) % n_logical
+                self._batches += 1
+                yield batch
+        finally:
+            del it  # shuts the workers down when the consumer stops early
+
+
+def _validate_text_args(tokenizer: Any, context_length: dict[str, int], fields: list[str], list_rule: str) -> None:
+    if not fields:
+        raise ValueError("fields is empty: name at least one text field (e.g. ['title'])")
+    if "image" in fields:
+        raise ValueError("'image' is the reserved name of the picture; remove it from the text fields")
+    missing = [f for f in fields if f not in context_length]
+    if missing:
+        raise ValueError(f"no context length for fields {missing}: add them to context_length (e.g. title: 77)")
+    bad = {f: n for f, n in context_length.items() if f in fields and (not isinstance(n, int) or n < 2)}
+    if bad:
+        raise ValueError(f"context lengths must be integers >= 2 (start + end token), got {bad}")
+    if list_rule not in LIST_RULES:
+        raise ValueError(f"list_rule must be one of {LIST_RULES}, got {list_rule!r}")
+    if not callable(tokenizer):
+        raise TypeError("tokenizer must be callable as tok(texts, context_length=n) (open_clip.get_tokenizer)")
+
+
+def build_train_stream(
+    urls: str | list[str],
+    *,
+    tokenizer: Any,
+    context_length: dict[str, int],
+    image_transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    fields: list[str],
+    num_workers: int,
+    seed: int,
+    resampled: bool = False,
+    source_weights: list[float] | None = None,
+    shuffle_buffer: int = 1000,
+    list_rule: str = "join",
+    list_sep: str = ", ",
+    rank: int = 0,
+    world_size: int = 1,
+    trim_tokens: bool = True,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+) -> TrainStream:
+    """The infinite training stream of one rank.
+
+    Args:
+        urls: one shard pattern (``'dir/shard-{000000..000099}.tar'``, ``'a.tar::b.tar'``, ``pipe:...``,
+            ``s3://...``) or a list of patterns. Without ``source_weights`` all patterns form one pool;
+            with them each list element is a source and every sample comes from source ``i`` with
+            probability ``source_weights[i] / sum`` (each source cycles its own epochs).
+        tokenizer: an open_clip tokenizer (``open_clip.get_tokenizer(name)``).
+        context_length: max tokens per field, e.g. ``{"title": 77, "colors": 8}``.
+        image_transform: PIL RGB image -> FloatTensor[3, H, W] (open_clip's train preprocess).
+        batch_size: samples per batch B (every training batch is full).
+        fields: text fields to extract from each sample's json.
+        num_workers: DataLoader worker processes (0 = in-process).
+        seed: fixes shard order per epoch, sample order, augmentation and list sampling (>= 0).
+        resampled: draw shards with replacement (infinite) instead of epochs without replacement.
+        shuffle_buffer: sample-shuffle block size (raw samples); <= 1 keeps the (shuffled) shard order.
+        list_rule: list-valued fields become ``list_sep.join(items)`` ("join") or one seeded random item
+            ("sample"). Empty strings/lists count as missing.
+        rank, world_size: this process's data-parallel rank and the number of ranks. In epoch mode ranks
+            x workers read disjoint data (shards split; with fewer shards than that, samples split).
+        trim_tokens: drop trailing all-pad token columns (set False for text towers that pool a fixed
+            position, e.g. SigLIP's 'last' pooling, where pad == eos would also be cut).
+
+    Yields (per batch): ``image`` FloatTensor[B,3,H,W]; ``tokens[f]`` LongTensor[B,L_f] (L_f <= context
+    length, trimmed to the longest row, missing rows all pad); ``present[f]`` BoolTensor[B] (plus
+    ``present["image"]``, all True); ``text_id[f]`` LongTensor[B] (stable hash, 0 if missing);
+    ``item_id`` LongTensor[B]; ``score``/``position`` FloatTensor[B] (NaN if missing); ``text[f]``
+    list[str | None]; ``key`` list[str]; ``skipped`` dict[reason, int] (skips since this worker's
+    previous batch).
+    """
+    _validate_text_args(tokenizer, context_length, fields, list_rule)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    if source_weights is None:
+        sources = [expand_urls(patterns)]
+    else:
+        if len(source_weights) != len(patterns):
+            raise ValueError(f"{len(source_weights)} source_weights for {len(patterns)} url patterns; give one "
+                             "weight per pattern")
+        if any(w < 0 for w in source_weights) or sum(source_weights) <= 0:
+            raise ValueError(f"source_weights must be >= 0 with a positive sum, got {source_weights}")
+        sources = [expand_urls(p) for p in patterns]
+    n_slots = world_size * max(1, num_workers)
+    for i, src in enumerate(sources):
+        if not resampled and len(src) < n_slots:
+            logger.warning(
+                "source %d has %d shards for %d ranks x workers: every worker reads all its shards and keeps "
+                "1/%d of the samples (correct but %dx the reading); write smaller shards or use resampled=True",
+                i, len(src), n_slots, n_slots, n_slots)
+    spec = {
+        "sources": sources, "weights": None if source_weights is None else [float(w) for w in source_weights],
+        "resampled": bool(resampled), "seed": seed, "block_size": max(1, int(shuffle_buffer)),
+        "batch_size": int(batch_size), "fields": list(fields), "context_length": dict(context_length),
+        "list_rule": list_rule, "list_sep": list_sep, "tokenizer": tokenizer, "image_transform": image_transform,
+        "num_workers": int(num_workers), "rank": int(rank), "world_size": int(world_size),
+        "trim_tokens": bool(trim_tokens),
+    }
+    return TrainStream(spec, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+
+
+# ------------------------------------------------------------------------------------------- eval
+
+class _EvalDataset(IterableDataset):
+    def __init__(self, urls: list[str], spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.urls, self.spec = urls, spec
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        s = self.spec
+        log = _SkipLog(f"eval worker {wid}")
+        decode = _Decoder(s["fields"], s["image_transform"], s["list_rule"], s["list_sep"])
+        collate = _Collator(s["tokenizer"], s["context_length"], s["fields"], s["trim_tokens"])
+        pending: list[dict[str, Any]] = []
+        for url in self.urls[wid::nw]:
+            for raw in _iter_shard(url, lambda r, u, e: log(r, u, repr(e))):
+                # list_rule="sample" must pick the same item every evaluation: seed by the sample key.
+                rng = random.Random(stable_hash(raw["__key__"])) if s["list_rule"] == "sample" else None
+                try:
+                    pending.append(decode(raw, rng))
+                except _Skip as skip:
+                    log(skip.args[0], raw["__key__"], f"{skip.args[1] if len(skip.args) > 1 else ''} @ {url}")
+                    continue
+                if len(pending) == s["batch_size"]:
+                    yield collate(pending, log.take_delta())
+                    pending = []
+        if pending or log.delta:
+            yield collate(pending, log.take_delta()) if pending else {"skipped": log.take_delta()}
+
+
+class EvalLoader:
+    """One ordered pass over this rank's shards (no shuffle); last batches may be partial.
+
+    Worker ``w`` of ``W`` reads shards ``w, w+W, ...`` of the rank's shards and batches are returned
+    round-robin, so the order is fixed for a given worker count. ``skipped`` totals the skipped samples
+    of the finished passes and the current one.
+    """
+
+    def __init__(self, urls: list[str], spec: dict[str, Any]) -> None:
+        self.urls, self._spec = urls, spec
+        self.num_workers = min(spec["num_workers"], len(urls))
+        self.pad_id = pad_id_of(spec["tokenizer"])
+        self.skipped: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[Batch]:
+        ds = _EvalDataset(self.urls, self._spec)
+        it = iter(ds) if self.num_workers == 0 else iter(
+            DataLoader(ds, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
+        totals = Counter(self.skipped)
+        for batch in it:
+            totals.update(batch["skipped"])
+            self.skipped = dict(totals)
+            if "image" in batch:  # a trailing skip-only record carries counts but no samples
+                yield batch
+
+
+def build_eval_loader(
+    urls: str | list[str],
+    *,
+    tokenizer: Any,
+    context_length: dict[str, int],
+    image_transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    fields: list[str],
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    list_rule: str = "join",
+    list_sep: str = ", ",
+    trim_tokens: bool = True,
+) -> EvalLoader:
+    """A single ordered pass over ``urls`` (same batch dict as ``build_train_stream``; partial batches).
+
+    With ``world_size > 1`` rank ``r`` reads shards ``r, r + world_size, ...`` (a rank without shards
+    yields nothing; pass ``world_size=1`` to read everything on every rank).
+    """
+    _validate_text_args(tokenizer, context_length, fields, list_rule)
+    if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need batch_size >= 1, num_workers >= 0, 0 <= rank < world_size; got {batch_size}, "
+                         f"{num_workers}, {rank}, {world_size}")
+    mine = expand_urls(urls)[rank::world_size]
+    if not mine:
+        logger.warning("eval rank %d of %d has no shards (fewer shards than ranks)", rank, world_size)
+    spec = {"fields": list(fields), "context_length": dict(context_length), "tokenizer": tokenizer,
+            "image_transform": image_transform, "batch_size": int(batch_size), "list_rule": list_rule,
+            "list_sep": list_sep, "num_workers": int(num_workers), "trim_tokens": bool(trim_tokens)}
+    return EvalLoader(mine, spec)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def concat_batches(batches: Sequence[Batch], pad_id: int = 0) -> Batch:
+    """Concatenate batches along the sample axis (gradient-accumulation micro-batches -> one batch).
+
+    Token tensors of one field are right-padded with ``pad_id`` (``stream.pad_id``) to the longest
+    before concatenation; ``skipped`` counts are summed. Returns the same dict layout.
+    """
+    if not batches:
+        raise ValueError("concat_batches needs at least one batch")
+    first = batches[0]
+    tokens = {}
+    for f in first["tokens"]:
+        parts = [b["tokens"][f] for b in batches]
+        n = max(p.shape[1] for p in parts)
+        tokens[f] = torch.cat([torch.nn.functional.pad(p, (0, n - p.shape[1]), value=pad_id) for p in parts])
+    skipped: Counter[str] = Counter()
+    for b in batches:
+        skipped.update(b.get("skipped", {}))
+    return {
+        "image": torch.cat([b["image"] for b in batches]),
+        "tokens": tokens,
+        "present": {f: torch.cat([b["present"][f] for b in batches]) for f in first["present"]},
+        "text_id": {f: torch.cat([b["text_id"][f] for b in batches]) for f in first["text_id"]},
+        "item_id": torch.cat([b["item_id"] for b in batches]),
+        "score": torch.cat([b["score"] for b in batches]),
+        "position": torch.cat([b["position"] for b in batches]),
+        "text": {f: [t for b in batches for t in b["text"][f]] for f in first["text"]},
+        "key": [k for b in batches for k in b["key"]],
+        "skipped": dict(skipped),
+    }
