@@ -463,11 +463,11 @@ class Trainer:
         vals = torch.stack([out[n].float().reshape(()) for n in names]).cpu()
         vals = _all_reduce_sum(vals) / self.world_size  # mean over ranks
         row: dict[str, Any] = {n: float(v) for n, v in zip(names, vals)}
-        row.update(lr=self.scheduler.get_last_lr()[0], logit_scale=float(self.model.logit_scale.exp()),
+        row.update(lr=self.scheduler.get_last_lr()[0], logit_scale=float(self.model.logit_scale.detach().exp()),
                    samples_per_s=rate, world_size=self.world_size, nonfinite_total=self.nonfinite_total)
         if getattr(self.model, "logit_bias", None) is not None:
-            row["logit_bias"] = float(self.model.logit_bias)
-        skipped = self.stream.skipped()
+            row["logit_bias"] = float(self.model.logit_bias.detach())
+        skipped = dict(self.stream.skipped)
         if skipped:
             keys = sorted(skipped)
             tot = _all_reduce_sum(torch.tensor([float(skipped[k]) for k in keys]))
