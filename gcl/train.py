@@ -224,6 +224,11 @@ class Trainer:
 
             self.evaluator = build_evaluator(cfg.eval, splits=self.splits, data_cfg=d)
 
+        if cfg.export.enabled and cfg.export.push_to and self.is_main:
+            from gcl.export import hub_preflight
+
+            hub_preflight(cfg.export.push_to)  # token/network problems surface now, not after hours of training
+
         self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last)
         self.step = 0
         self.nonfinite_total = 0
@@ -492,8 +497,10 @@ class Trainer:
 
         e = self.cfg.export
         out = Path(e.dir) if os.path.isabs(e.dir) else self.run_dir / e.dir
+        # a "best" export takes its metrics from the eval of that step (export reads eval/), not the last one
+        metrics = (self.last_eval or None) if e.which == "latest" else None
         path = export_model(self.run_dir, out, which=e.which, overwrite=e.overwrite, push_to=e.push_to,
-                            private=e.private, metrics=self.last_eval or None)
+                            private=e.private, metrics=metrics)
         log.info("exported to %s", path)
         logger_msg = (f"exported model: {path}\n  import open_clip\n  model, _, preprocess = "
                       f"open_clip.create_model_and_transforms('local-dir:{path}')\n  tokenizer = "
