@@ -189,6 +189,37 @@ def test_load_model_for_eval_checkpoint_run_dir_and_export(tmp_path, bundle):
     mc.checkpoint = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="model.checkpoint"):
         load_model_for_eval(mc)
+    # model.name + model.pretrained=<weights file>
+    torch.save(bundle.model.state_dict(), tmp_path / "weights.pt")
+    mc.checkpoint, mc.name, mc.pretrained = None, "gcl-tiny", str(tmp_path / "weights.pt")
+    assert _same_weights(load_model_for_eval(mc).model, bundle.model)
+
+
+def test_embedding_cache_hits_and_never_goes_stale(tmp_path, caplog):
+    import logging
+
+    from gcl.eval.retrieval import EmbeddingCache
+    from gcl.model import build_model
+
+    torch.manual_seed(1)
+    b = build_model("gcl-tiny")
+    fx.build_marqo_fashion(tmp_path / "data", n=10)
+    cfg = preset("marqo_fashion", data_root=str(tmp_path / "data"), gallery={"enabled": False}, aggregates=[])
+    cfg.tasks = [t for t in cfg.tasks if t.name.startswith("KAGL/")][:2]
+    cache = EmbeddingCache(tmp_path / "cache")
+    with caplog.at_level(logging.INFO, logger="gcl.eval.run"):
+        first = evaluate_model(b, cfg, cache=cache)
+        assert "from the cache" not in caplog.text
+        again = evaluate_model(b, cfg, cache=cache)
+        assert "from the cache" in caplog.text
+    assert again == first
+    caplog.clear()
+    with torch.no_grad():
+        b.model.visual.proj.mul_(-1.0)  # new weights: the cached image embeddings must not be reused
+    with caplog.at_level(logging.INFO, logger="gcl.eval.run"):
+        changed = evaluate_model(b, cfg, cache=cache)
+    assert "from the cache" not in caplog.text
+    assert changed != first
 
 
 def test_unavailable_weights_fail_clearly(monkeypatch):
@@ -213,3 +244,65 @@ def test_evaluate_cli_on_a_checkpoint(tmp_path, bundle):
     metrics = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
     assert "synthetic/text2image_title/recall@1" in metrics
     assert "step_000005.pt" in (tmp_path / "out" / "eval" / "results.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------- distributed
+
+_DIST_WORKER = r'''
+import json, sys
+import torch, torch.distributed as dist
+from omegaconf import OmegaConf
+from gcl.eval.run import Evaluator
+from gcl.eval.schema import EvalConfig
+from gcl.model import build_model
+
+cfg_file, splits_file, out_dir = sys.argv[1:4]
+dist.init_process_group("gloo")
+rank, ws = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+b = build_model("gcl-tiny")
+splits = json.loads(open(splits_file).read())
+out = {}
+for sharded in (False, True):
+    cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(cfg_file), {"sharded": sharded})
+    ev = Evaluator(cfg, splits=splits, context_length={"title": 32})
+    out[f"sharded={sharded}"] = ev(b.field_encoder(), b, rank=rank, world_size=ws, device="cpu",
+                                   out_dir=f"{out_dir}/{sharded}" if rank == 0 else None)
+if rank == 0:  # the single-process reference, same weights
+    out["single"] = Evaluator(cfg, splits=splits, context_length={"title": 32})(b.field_encoder(), b)
+json.dump(out, open(f"{out_dir}/rank{rank}.json", "w"))
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.dist
+def test_two_ranks_rank0_and_sharded_match_single_process(tmp_path):
+    from gcl.data.synthetic import ensure_catalog
+
+    root = ensure_catalog(tmp_path / "cat", products=300, seed=0, image_size=32, per_shard=16)
+    splits = {k: v["pattern"] for k, v in json.loads((root / "catalog.json").read_text())["splits"].items()}
+    fx.build_marqo_fashion(tmp_path / "data", n=18)
+    syn = OmegaConf.load(REPO / "conf" / "eval" / "synthetic.yaml")
+    fashion = OmegaConf.load(REPO / "conf" / "eval" / "marqo_fashion.yaml")
+    cfg = OmegaConf.merge(syn, {
+        "num_workers": 0, "batch_size": 8, "data_root": str(tmp_path / "data"), "aggregates": [],
+        "tasks": [t for t in syn.tasks if t.name in ("text2image_title", "category2product", "zeroshot_subcategory")]
+        + [t for t in fashion.tasks if t.name in ("KAGL/text2image", "KAGL/color2product")]})
+    OmegaConf.save(cfg, tmp_path / "eval.yaml")
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    (tmp_path / "worker.py").write_text(_DIST_WORKER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "worker.py"), str(tmp_path / "eval.yaml"), str(tmp_path / "splits.json"), str(tmp_path)]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    single = r0.pop("single")
+    assert "synthetic/KAGL/color2product/precision@10" in single and len(single) > 10
+    for mode in ("sharded=False", "sharded=True"):
+        assert r0[mode] == r1[mode], f"{mode}: ranks disagree"
+        assert r0[mode] == pytest.approx(single, abs=1e-6), mode
+    assert (tmp_path / "True" / "metrics.json").is_file()
