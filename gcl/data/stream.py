@@ -142,7 +142,10 @@ def _iter_shard(url: str, on_error: Callable[[str, str, BaseException], None]) -
         files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
         yield from group_by_keys(files, handler=handler)
     finally:
-        stream.close()
+        try:
+            stream.close()
+        except Exception as exn:  # noqa: BLE001 - a pipe closed early exits by SIGPIPE; nothing was lost
+            logger.debug("closing %s: %r", url, exn)
 
 
 # ----------------------------------------------------------------------------------- raw sample cursors
