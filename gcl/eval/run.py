@@ -742,6 +742,7 @@ def run(cfg: Any) -> dict[str, float]:
     except ValueError:
         run_dir = Path.cwd()
     out = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval"
+    T.validate_tasks(cfg.eval)  # fail on a bad suite before spending time on the model
     dev = cfg.device
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
