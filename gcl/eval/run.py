@@ -150,7 +150,7 @@ class _Needs:
     embed: set[str] = field(default_factory=set)  # fields embedded per document (image, doc-side text)
 
 
-def _source_needs(tasks: Sequence[Any], gallery_task: str | None) -> _Needs:
+def _source_needs(tasks: Sequence[Any]) -> _Needs:
     n = _Needs()
     for t in tasks:
         if t.kind == "zeroshot":
@@ -459,7 +459,7 @@ class Evaluator:
         results: dict[str, _TaskResult] = {}
         for spec in order:
             tasks = [t for t in self.tasks if specs[t.name] == spec]
-            needs = _source_needs(tasks, self.gallery_task)
+            needs = _source_needs(tasks)
             src: _ShardDocs | _TableDocs = _ShardDocs(spec.location) if spec.kind == "shards" else _TableDocs(spec)
             ts = time.perf_counter()
             docs = self._load_docs(src, spec, emb, bundle, needs, rank=rank, world_size=world_size, sharded=sharded)

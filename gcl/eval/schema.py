@@ -64,7 +64,7 @@ class TaskConfig:
     image_root: str | None = None  # base folder for relative image paths (default: the table's folder)
     doc_id_column: str | None = None  # graded tasks: the document id column shared by queries and corpus
     query_id_column: str | None = None  # graded tasks: a query id column (default: the query text)
-    max_docs: int = 0  # keep the first N documents in canonical order (0 = all); a quick smoke-test knob
+    max_docs: int = 0  # keep only the first N documents read (0 = all); a quick smoke-test knob
     hf_dataset: str | None = None  # where the table comes from (named in the "missing data" error message)
     # --- what is compared ---
     query: EvalSideConfig = field(default_factory=EvalSideConfig)
