@@ -272,6 +272,9 @@ def validate(cfg: DictConfig) -> None:
         if n < 2:
             _fail(f"data.context_length.{f}", f"must be >= 2 tokens (start + end), got {n}")
     validate_loss(cfg.loss, data_fields(cfg))
+    from gcl.eval.tasks import validate_tasks
+
+    validate_tasks(cfg.eval)
     if cfg.sched.name == "const_cooldown" and not 0 < cfg.sched.cooldown_steps <= t.max_steps:
         _fail("sched.cooldown_steps", f"must be in (0, trainer.max_steps={t.max_steps}] for const_cooldown")
     if cfg.sched.warmup_steps < 0:
