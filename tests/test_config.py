@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CONF, FAST, ROOT, compose
+from helpers import CONF, FAST, ROOT, compose
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, ROOT, compose
+from helpers import FAST, ROOT, compose
 
 from gcl.checkpoint import find_checkpoint, load_checkpoint
 
