@@ -127,11 +127,14 @@ def compute_from_ranking_per_query(
         metrics: names (see the module docstring).
         n_rel: [Q] number of judged documents with grade >= relevance_level; default: counted in
             ``ideal_gains``.
-        relevance_level: the smallest grade that counts as relevant for the binary metrics (trec_eval -l).
+        relevance_level: the smallest grade (>= 1) that counts as relevant for the binary metrics
+            (pytrec_eval's ``relevance_level``, trec_eval -l).
     Returns:
         ``{metric: float64 ndarray[Q]}``.
     """
     parsed = [parse_metric(m) for m in metrics]
+    if relevance_level < 1:
+        raise ValueError(f"relevance_level={relevance_level}: must be >= 1 (unjudged documents have grade 0)")
     g = _as_f64(ranked_gains, "ranked_gains")
     judged = _as_f64(ideal_gains, "ideal_gains")
     nq, kk = g.shape
@@ -146,63 +149,59 @@ def compute_from_ranking_per_query(
         if nrel.shape[0] != nq:
             raise ValueError(f"n_rel has {nrel.shape[0]} entries but ranked_gains has {nq} rows")
     gmax = ideal[:, 0] if ideal.shape[1] else np.zeros(nq)
-    gain = np.maximum(g, 0.0)
-    rel = g >= relevance_level
-    ranks = np.arange(1, kk + 1, dtype=np.float64)
     safe_nrel = np.where(nrel > 0, nrel, 1.0)
 
-    cache: dict[str, np.ndarray] = {}
+    def cut(k: int | None) -> int:
+        return kk if k is None else min(k, kk)
 
-    def once(name: str, fn):  # shared prefix sums across metrics
-        if name not in cache:
-            cache[name] = fn()
-        return cache[name]
+    # Sparse view of the ranking: only positive-gain positions matter to the trec_eval metrics, and a run
+    # has few of them, so those metrics cost O(Q*K) for one scan plus O(hits) (the hot path of a big eval).
+    trec_kinds = {"precision", "recall", "mrr", "map", "ndcg"}
+    kn = max((cut(m.k) for m in parsed if m.kind in trec_kinds), default=0)
+    rows, cols = np.nonzero(g[:, :kn] > 0)  # row-major: ascending rank within each row
+    vals = g[rows, cols]
+    isrel = vals >= relevance_level
+    rr, rc = rows[isrel], cols[isrel]  # relevant hits
+    counts = np.bincount(rr, minlength=nq)
+    first = np.cumsum(counts) - counts  # index of each row's first hit in rr/rc
+    nth = np.arange(rr.size) - first[rr]  # 0-based rank of a hit among its row's hits
+    first_col = np.full(nq, np.iinfo(np.int64).max)
+    has = counts > 0
+    first_col[has] = rc[first[has]]
+    ideal_disc = np.cumsum(ideal / np.log2(np.arange(2, ideal.shape[1] + 2, dtype=np.float64)), 1)
 
-    def at(cum: np.ndarray, k: int | None) -> np.ndarray:
-        """cum[:, min(k, K) - 1] (0 when K == 0): a prefix sum read at cut-off k."""
-        if cum.shape[1] == 0:
-            return np.zeros(nq)
-        j = cum.shape[1] if k is None else min(k, cum.shape[1])
-        return cum[:, j - 1]
+    def per_row(sel: np.ndarray, r: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+        return np.bincount(r[sel], weights=None if w is None else w[sel], minlength=nq).astype(np.float64)
 
     out: dict[str, np.ndarray] = {}
     for m in parsed:
-        k = m.k
+        k = cut(m.k)
         if m.kind == "precision":
-            out[m.name] = at(once("nrel_cum", lambda: np.cumsum(rel, 1, dtype=np.float64)), k) / k
+            out[m.name] = per_row(rc < k, rr) / m.k
         elif m.kind == "recall":
-            hits = at(once("nrel_cum", lambda: np.cumsum(rel, 1, dtype=np.float64)), k)
-            out[m.name] = np.where(nrel > 0, hits / safe_nrel, 0.0)
+            out[m.name] = np.where(nrel > 0, per_row(rc < k, rr) / safe_nrel, 0.0)
         elif m.kind == "mrr":
-            r = rel if k is None else rel[:, :k]
-            first = r.argmax(1) if r.shape[1] else np.zeros(nq, dtype=np.int64)
-            found = r.any(1) if r.shape[1] else np.zeros(nq, dtype=bool)
-            out[m.name] = np.where(found, 1.0 / (first + 1.0), 0.0)
+            out[m.name] = np.where(first_col < k, 1.0 / (np.minimum(first_col, kk) + 1.0), 0.0)
         elif m.kind == "map":
-            ap = once("ap_cum", lambda: np.cumsum(
-                np.where(rel, np.cumsum(rel, 1, dtype=np.float64) / ranks, 0.0), 1))
-            out[m.name] = np.where(nrel > 0, at(ap, k) / safe_nrel, 0.0)
+            prec = (nth + 1.0) / (rc + 1.0)  # precision at each relevant rank
+            out[m.name] = np.where(nrel > 0, per_row(rc < k, rr, prec) / safe_nrel, 0.0)
         elif m.kind == "ndcg":
-            dcg = at(once("dcg_cum", lambda: np.cumsum(gain / np.log2(ranks + 1.0), 1)), k)
-            icum = once("idcg_cum", lambda: np.cumsum(
-                ideal / np.log2(np.arange(2, ideal.shape[1] + 2, dtype=np.float64)), 1))
-            idcg = at(icum, k)
+            dcg = per_row(cols < k, rows, vals / np.log2(cols + 2.0))
+            j = ideal.shape[1] if m.k is None else min(m.k, ideal.shape[1])
+            idcg = ideal_disc[:, j - 1] if j > 0 else np.zeros(nq)
             out[m.name] = np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0)
         elif m.kind == "err":
-            def err_cum() -> np.ndarray:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    # 2**(g - gmax) - 2**(-gmax) == (2**g - 1) / 2**gmax without overflowing for large grades
-                    r_prob = np.where(gmax[:, None] > 0,
-                                      np.exp2(gain - gmax[:, None]) - np.exp2(-gmax[:, None]), 0.0)
-                keep = np.cumprod(1.0 - r_prob, 1)
-                before = np.concatenate([np.ones((nq, 1)), keep[:, :-1]], 1)  # P(user reaches rank r)
-                return np.cumsum(before * r_prob / ranks, 1)
-            out[m.name] = at(once("err_cum", err_cum), k)
+            gain = np.maximum(g[:, :k], 0.0)
+            with np.errstate(over="ignore", invalid="ignore"):
+                # 2**(g - gmax) - 2**(-gmax) == (2**g - 1) / 2**gmax without overflowing for large grades
+                r_prob = np.where(gmax[:, None] > 0, np.exp2(gain - gmax[:, None]) - np.exp2(-gmax[:, None]), 0.0)
+            reach = np.cumprod(1.0 - r_prob, 1)
+            reach = np.concatenate([np.ones((nq, 1)), reach[:, :-1]], 1)  # P(the user reaches rank r)
+            out[m.name] = (reach * r_prob / np.arange(1, k + 1, dtype=np.float64)).sum(1)
         else:  # rbp
             p = float(m.p)
-            w = (1.0 - p) * np.power(p, ranks - 1.0)
-            safe = np.where(gmax > 0, gmax, 1.0)
-            out[m.name] = np.where(gmax > 0, (gain * w).sum(1) / safe, 0.0)
+            w = (1.0 - p) * np.power(p, np.arange(kk, dtype=np.float64))
+            out[m.name] = np.where(gmax > 0, (np.maximum(g, 0.0) * w).sum(1) / np.where(gmax > 0, gmax, 1.0), 0.0)
     return out
 
 
@@ -245,13 +244,20 @@ def lookup_gains(
     valid = jd >= 0
     if not valid.any() or idx.size == 0:
         return out
+    srt = np.sort(jd, axis=1)
+    if ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any():
+        raise ValueError("lookup_gains: a document is judged twice for the same query in judged_docs")
+    if jd.shape[1] <= 16:
+        # few judged docs per query (the usual case): J broadcast comparisons beat sorting
+        for j in range(jd.shape[1]):
+            hit = idx == np.where(valid[:, j], jd[:, j], -2)[:, None]  # -2 never matches (-1 = no document)
+            np.copyto(out, np.broadcast_to(jg[:, j: j + 1], out.shape), where=hit)
+        return out
     width = int(max(jd.max(), idx.max())) + 2  # row-major composite key (query, doc); doc -1 -> slot 0
     qj = np.nonzero(valid)
     jkeys = qj[0].astype(np.int64) * width + jd[qj] + 1
     order = np.argsort(jkeys, kind="stable")
     jkeys, jvals = jkeys[order], jg[qj][order]
-    if np.any(jkeys[1:] == jkeys[:-1]):
-        raise ValueError("lookup_gains: a document is judged twice for the same query in judged_docs")
     rkeys = np.arange(idx.shape[0], dtype=np.int64)[:, None] * width + np.where(idx >= 0, idx + 1, 0)
     pos = np.searchsorted(jkeys, rkeys).clip(max=jkeys.size - 1)
     hit = (jkeys[pos] == rkeys) & (idx >= 0)

@@ -190,6 +190,20 @@ def test_matrix_api_matches_pytrec_eval_from_index_arrays() -> None:
     assert means["mrr"] == pytest.approx(float(ours["mrr"].mean()))
 
 
+@pytest.mark.parametrize("n_judged", [4, 40])  # the broadcast path and the sort + search path
+def test_lookup_gains_matches_dict_lookup(n_judged: int) -> None:
+    rng = np.random.default_rng(n_judged)
+    idx = rng.integers(-1, 200, (30, 50))
+    jd = np.stack([rng.choice(200, n_judged, replace=False) for _ in range(30)])
+    jd[::4, n_judged // 2:] = -1  # padding
+    jg = rng.integers(-1, 4, jd.shape).astype(float)
+    want = np.array([[dict(zip(jd[i][jd[i] >= 0], jg[i][jd[i] >= 0])).get(d, 0.0) if d >= 0 else 0.0
+                      for d in idx[i]] for i in range(30)])
+    got = M.lookup_gains(idx, jd, jg)
+    np.testing.assert_array_equal(got, want)
+    assert (got != 0).sum() > 10
+
+
 def test_lookup_gains_basic_and_duplicate_error() -> None:
     idx = np.array([[5, 2, -1], [2, 7, 5]])
     jd = np.array([[2, 9], [5, -1]])
@@ -197,6 +211,7 @@ def test_lookup_gains_basic_and_duplicate_error() -> None:
     np.testing.assert_array_equal(M.lookup_gains(idx, jd, jg), [[0, 3, 0], [0, 0, 2]])
     with pytest.raises(ValueError, match="judged twice"):
         M.lookup_gains(idx, np.array([[2, 2], [5, -1]]), jg)
+    np.testing.assert_array_equal(M.lookup_gains(idx, np.array([[-1, -1], [5, -1]]), jg), [[0, 0, 0], [0, 0, 2]])
 
 
 @pytest.mark.parametrize("bad", ["ndcg@0", "foo", "recall", "rbp@1.5", "rbp@0", "ndcg@x"])
