@@ -243,8 +243,9 @@ def _topk_numpy(queries: Any, docs: Any, k: int, chunk_size: int, query_chunk_si
 def _topk_torch(queries: Any, docs: Any, k: int, chunk_size: int, query_chunk_size: int,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     def dev_f32(x: Any) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(x)) if isinstance(x, np.ndarray) else x.detach()
-        return x.to(device=device, dtype=torch.float32, non_blocking=True)
+        if isinstance(x, np.ndarray):  # copy read-only (memory-mapped) arrays: torch wants writable memory
+            x = torch.from_numpy(np.asarray(x, np.float32) if x.flags.writeable else np.array(x, np.float32))
+        return x.detach().to(device=device, dtype=torch.float32, non_blocking=True)
 
     q = dev_f32(queries)
     if not torch.isfinite(q).all():
@@ -303,7 +304,7 @@ def _topk_faiss(queries: Any, docs: Any, k: int) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(np.ascontiguousarray(vals)), torch.from_numpy(np.ascontiguousarray(idx.astype(np.int64)))
 
 
-def topk(queries: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray, k: int, chunk_size: int = 32768,
+def topk(queries: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray, k: int, chunk_size: int = 16384,
          *, query_chunk_size: int = 1024, device: torch.device | str | None = None, backend: str = "auto",
          threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` inner products of each query against every document.
@@ -345,8 +346,15 @@ def topk(queries: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray, k:
             os, "sched_getaffinity") else (os.cpu_count() or 1)
         out = _topk_numpy(queries, docs, k, chunk_size, query_chunk_size, max(1, n_threads))
     elif backend == "torch":
-        with torch.no_grad():
-            out = _topk_torch(queries, docs, k, chunk_size, query_chunk_size, dev)
+        # full fp32 products even if the caller enabled TF32 (``set_float32_matmul_precision("high")``): TF32's
+        # 10-bit mantissa would reorder near ties and break exactness
+        precision = torch.get_float32_matmul_precision()
+        try:
+            torch.set_float32_matmul_precision("highest")
+            with torch.no_grad():
+                out = _topk_torch(queries, docs, k, chunk_size, query_chunk_size, dev)
+        finally:
+            torch.set_float32_matmul_precision(precision)
     else:
         out = _topk_faiss(queries, docs, k)
     log.debug("topk: %d queries x %d docs, k=%d, %s on %s: %.3fs", nq, docs.shape[0], k, backend, dev,

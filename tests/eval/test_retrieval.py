@@ -94,8 +94,24 @@ def test_topk_memmap_docs(tmp_path) -> None:
     mm[:] = d
     mm.flush()
     docs = np.load(tmp_path / "docs.npy", mmap_mode="r")
-    s, i = topk(q, docs, 20, 256)
-    np.testing.assert_array_equal(i.numpy(), brute(q, d, 20)[1])
+    for backend in ("numpy", "torch"):
+        s, i = topk(q, docs, 20, 256, backend=backend, device="cpu")
+        np.testing.assert_array_equal(i.numpy(), brute(q, d, 20)[1])
+
+
+def test_torch_backend_forces_full_fp32_and_restores_setting() -> None:
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((20, 64)).astype(np.float32)
+    d = rng.standard_normal((3000, 64)).astype(np.float32)
+    ref = topk(q, d, 30, backend="torch", device="cpu")
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # a training script may have enabled TF32/bf16 matmuls
+        got = topk(q, d, 30, backend="torch", device="cpu")
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[0], ref[0])
 
 
 def test_faiss_backend_agrees() -> None:
