@@ -268,6 +268,19 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, tok, train_tf, caplog):
     assert "bad3" in caplog.text and "bad_json" in caplog.text  # logged with the sample key
 
 
+@pytest.mark.dist
+def test_skip_counts_reach_the_main_process_from_workers(tmp_path, tok, train_tf):
+    good, expected = _damaged_shard(tmp_path / "bad.tar")
+    st = _stream(str(tmp_path / "bad.tar"), tok, train_tf, batch_size=2, shuffle_buffer=4, num_workers=2)
+    batches = _take(st, 6)
+    summed = Counter()
+    for b in batches:
+        assert set(b["key"]) <= good
+        summed.update(b["skipped"])
+    assert dict(summed) == st.skipped and set(st.skipped) <= set(expected) and sum(summed.values()) > 0
+    assert json.loads(json.dumps(st.state_dict()))["workers"][0]["skipped"]  # totals survive a checkpoint
+
+
 def test_bad_shards_do_not_stop_eval(tmp_path, tok, eval_tf):
     good, expected = _damaged_shard(tmp_path / "a-0.tar")
     pattern, written = write_shards(tmp_path / "ok", 6, per_shard=6)
