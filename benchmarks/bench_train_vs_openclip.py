@@ -27,7 +27,7 @@ def ours(shards: str, samples: int, batch: int, workers: int, loss: str, run_dir
     cmd = [sys.executable, "train.py", "model.name=bench-ViT-S", f"model.config_path={SHARED / 'bench' / 'bench-ViT-S.json'}",
            f"loss={loss}", f"data.train_shards={shards}", f"data.batch_size={batch}", f"data.num_workers={workers}",
            f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.save_every=0", "trainer.log_every=5",
-           "optim.lr=1e-4", "sched.warmup_steps=10", "eval.tasks=[]", "export.enabled=false",
+           "optim.lr=1e-4", "sched.warmup_steps=10", "eval=none", "export.enabled=false",
            "logger.wandb.mode=disabled", "logger.progress=false", f"hydra.run.dir={run_dir}"]
     subprocess.run(cmd, cwd=ROOT, check=True)
     rates = [json.loads(x)["samples_per_s"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -57,6 +57,7 @@ class DataConfig:
     num_workers: int = 2
     resampled: bool = False
     shuffle_buffer: int = 1000
+    augment: bool = True  # false: train on the eval transform (no random crop)
     list_rule: str = "join"  # join | sample
     list_sep: str = ", "
     context_length: dict[str, int] = field(default_factory=dict)  # per text field max tokens

@@ -212,7 +212,8 @@ class Trainer:
                for f in self.fields if f != "image"}
         self.stream = build_train_stream(
             self.splits["train"], tokenizer=self.bundle.tokenizer, context_length=ctx,
-            image_transform=self.bundle.preprocess_train, batch_size=d.batch_size,
+            image_transform=self.bundle.preprocess_train if d.augment else self.bundle.preprocess_val,
+            batch_size=d.batch_size,
             fields=[f for f in self.fields if f != "image"], num_workers=d.num_workers, seed=t.seed,
             resampled=d.resampled, source_weights=list(d.source_weights) if d.source_weights else None,
             shuffle_buffer=d.shuffle_buffer, list_rule=d.list_rule, list_sep=d.list_sep, rank=self.rank,

@@ -16,12 +16,24 @@ from helpers import FAST, ROOT, compose
 from gcl.checkpoint import find_checkpoint, load_checkpoint
 
 
-def _cli(tmp_run: Path, cache: Path, *overrides: str, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "train.py", *FAST, f"data.synthetic.cache_dir={cache}", f"hydra.run.dir={tmp_run}",
-           *overrides]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run in a new process group and kill the whole group on timeout (torchrun's workers included)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {cmd}\n{err[-4000:]}") from None
+    r = subprocess.CompletedProcess(cmd, p.returncode, out, err)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
+
+
+def _cli(tmp_run: Path, cache: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "train.py", *FAST, f"data.synthetic.cache_dir={cache}", f"hydra.run.dir={tmp_run}",
+                 *overrides], timeout)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -135,11 +147,36 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, catalog_cache):
 
 @pytest.mark.slow
 def test_multirun_two_jobs(tmp_path, catalog_cache):
-    cmd = [sys.executable, "train.py", "-m", *FAST, f"data.synthetic.cache_dir={catalog_cache}",
-           f"hydra.sweep.dir={tmp_path}", "trainer.max_steps=2", "loss=clip_title,seven_field"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
+    _run([sys.executable, "train.py", "-m", *FAST, f"data.synthetic.cache_dir={catalog_cache}",
+          f"hydra.sweep.dir={tmp_path}", "trainer.max_steps=2", "loss=clip_title,seven_field"])
     runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))
     assert len(runs) == 2
     terms = [set(k for k in _metrics(d)[-1] if k.startswith("loss/")) for d in runs]
     assert {"loss/title_image"} in terms and any(len(t) == 7 for t in terms)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path, catalog_cache):
+    """torchrun --nproc_per_node=2 (gloo, CPU): world size 2 logged, and step 1 equals one process on the same
+    global batch (loss and updated weights), since each rank reads its own shards of the same order."""
+    from gcl.data.synthetic import generate_catalog
+
+    meta = generate_catalog(tmp_path / "cat", products=120, seed=3, image_size=32, per_shard=8)
+    pattern = meta["splits"]["train"]["pattern"]
+    common = [f"data.train_shards='{pattern}'", "data.shuffle_buffer=0", "data.augment=false",
+              "trainer.max_steps=1", "eval=none", "loss=seven_field"]
+    one = tmp_path / "one"
+    _cli(one, catalog_cache, *common, "data.batch_size=16")
+    two = tmp_path / "two"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+          *FAST, f"data.synthetic.cache_dir={catalog_cache}", f"hydra.run.dir={two}", *common, "data.batch_size=8"])
+    (row1,), (row2,) = _metrics(one), _metrics(two)
+    assert row1["world_size"] == 1 and row2["world_size"] == 2
+    assert abs(row1["loss"] - row2["loss"]) <= 1e-5, (row1["loss"], row2["loss"])
+    for k in row1:
+        if k.startswith("loss/"):
+            assert abs(row1[k] - row2[k]) <= 1e-5, k
+    a, b = _final_weights(one), _final_weights(two)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff <= 1e-5, diff
