@@ -406,6 +406,13 @@ class _SkipLog:
         return out
 
 
+def _all_reasons(counts: dict[str, int]) -> dict[str, int]:
+    """``counts`` with every reason of SKIP_REASONS (in that order) present; any other reason follows."""
+    out = {r: int(counts.get(r, 0)) for r in SKIP_REASONS}
+    out.update({r: int(n) for r, n in sorted(counts.items()) if r not in out})
+    return out
+
+
 def _seed_all(s: int) -> random.Random:
     """Seed the global RNGs that torchvision transforms use; return a private RNG for list sampling.
 
@@ -589,11 +596,15 @@ class TrainStream:
     # -- progress
     @property
     def skipped(self) -> dict[str, int]:
-        """Total skipped samples by reason over all workers, up to the last yielded batch."""
+        """Total skipped samples by reason over all workers, up to the last yielded batch.
+
+        Every reason of ``SKIP_REASONS`` is present (zeros included) and in that order, so ranks can
+        all-reduce the values without first agreeing on the keys.
+        """
         out: Counter[str] = Counter()
         for p in self._positions:
             out.update(p["skipped"])
-        return dict(out)
+        return _all_reasons(out)
 
     @property
     def epoch(self) -> int:
@@ -776,14 +787,14 @@ class EvalLoader:
 
     Worker ``w`` of ``W`` reads shards ``w, w+W, ...`` of the rank's shards and batches are returned
     round-robin, so the order is fixed for a given worker count. ``skipped`` totals the skipped samples
-    of the finished passes and the current one.
+    (reasons that occurred only) of the finished passes and the current one.
     """
 
     def __init__(self, urls: list[str], spec: dict[str, Any]) -> None:
         self.urls, self._spec = urls, spec
         self.num_workers = min(spec["num_workers"], len(urls))
         self.pad_id = pad_id_of(spec["tokenizer"])
-        self.skipped: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}  # only reasons that occurred (empty = nothing skipped)
 
     def __iter__(self) -> Iterator[Batch]:
         ds = _EvalDataset(self.urls, self._spec)
