@@ -693,6 +693,7 @@ def build_train_stream(
         seed: fixes shard order per epoch, sample order, augmentation and list sampling (>= 0).
         resampled: draw shards with replacement (infinite) instead of epochs without replacement.
         shuffle_buffer: sample-shuffle block size (raw samples); <= 1 keeps the (shuffled) shard order.
+            Each worker holds one block of raw (encoded) samples in memory, like webdataset's buffer.
         list_rule: list-valued fields become ``list_sep.join(items)`` ("join") or one seeded random item
             ("sample"). Empty strings/lists count as missing.
         rank, world_size: this process's data-parallel rank and the number of ranks. In epoch mode ranks
