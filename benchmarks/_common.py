@@ -48,10 +48,25 @@ def save_result(name: str, payload: dict) -> Path:
 
 
 def openclip_python() -> Path:
-    """A separate venv with OpenCLIP's training stack (it pins webdataset<=0.2.86), created on first use."""
+    """``.venv-openclip``'s python: OpenCLIP's training code needs webdataset<=0.2.86 (it fails on 1.x).
+
+    Created light on first use: the venv holds only webdataset 0.2.86 and reads torch / torchvision /
+    open_clip / PIL from the main ``.venv`` through a .pth line, so both sides run the same library versions
+    and nothing large is downloaded."""
     py = OPENCLIP_VENV / "bin" / "python"
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(OPENCLIP_VENV)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "--quiet", "torch==2.14.1", "torchvision==0.29.1",
-                        "open_clip_torch", "webdataset<=0.2.86", "pandas", "fsspec"], check=True)
+    probe = "import webdataset, open_clip_train.data as d; print(webdataset.__version__)"
+    if py.exists():
+        out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True)
+        if out.returncode == 0:
+            return py
+        raise RuntimeError(f"{OPENCLIP_VENV} exists but cannot import OpenCLIP's data code:\n{out.stderr[-2000:]}\n"
+                           "delete it and rerun")
+    subprocess.run([sys.executable, "-m", "venv", str(OPENCLIP_VENV)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "webdataset==0.2.86"], check=True)
+    import site
+
+    site_dir = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
+    ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    (OPENCLIP_VENV / "lib" / ver / "site-packages" / "zz_gcl_main_venv.pth").write_text(site_dir + "\n")
+    subprocess.run([str(py), "-c", probe], check=True)
     return py

@@ -34,32 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-OPENCLIP_VENV = ROOT / ".venv-openclip"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, openclip_python  # noqa: E402
+
 SIDES = ("openclip", "ours-title", "ours-seven")
 CTX_SEVEN = {"title": 77, "description": 77, "colors": 16, "materials": 16, "categories": 16, "details": 32,
              "keywords": 32}
-
-
-def openclip_python() -> Path:
-    """``.venv-openclip``'s python with webdataset<=0.2.86 (created light on first use, see the docstring)."""
-    py = OPENCLIP_VENV / "bin" / "python"
-    probe = "import webdataset, open_clip_train.data as d; print(webdataset.__version__)"
-    if py.exists():
-        out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True)
-        if out.returncode == 0:
-            return py
-        raise RuntimeError(f"{OPENCLIP_VENV} exists but cannot import OpenCLIP's data code:\n{out.stderr[-2000:]}\n"
-                           "delete it and rerun")
-    subprocess.run([sys.executable, "-m", "venv", str(OPENCLIP_VENV)], check=True)
-    subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "webdataset==0.2.86"], check=True)
-    import site
-
-    site_dir = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
-    ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    (OPENCLIP_VENV / "lib" / ver / "site-packages" / "zz_gcl_main_venv.pth").write_text(site_dir + "\n")
-    subprocess.run([str(py), "-c", probe], check=True)
-    return py
 
 
 # ----------------------------------------------------------------------------------------- the two sides

@@ -58,6 +58,7 @@ class DataConfig:
     resampled: bool = False
     shuffle_buffer: int = 1000
     augment: bool = True  # false: train on the eval transform (no random crop)
+    prefetch_factor: int = 2
     list_rule: str = "join"  # join | sample
     list_sep: str = ", "
     context_length: dict[str, int] = field(default_factory=dict)  # per text field max tokens

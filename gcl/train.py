@@ -217,7 +217,7 @@ class Trainer:
             fields=[f for f in self.fields if f != "image"], num_workers=d.num_workers, seed=t.seed,
             resampled=d.resampled, source_weights=list(d.source_weights) if d.source_weights else None,
             shuffle_buffer=d.shuffle_buffer, list_rule=d.list_rule, list_sep=d.list_sep, rank=self.rank,
-            world_size=self.world_size)
+            world_size=self.world_size, pin_memory=acc.device.type == "cuda", prefetch_factor=d.prefetch_factor)
 
         self.evaluator = None
         if cfg.eval.tasks and (t.eval_every > 0 or t.best_metric):

@@ -168,10 +168,16 @@ class _Buffer:
             self.keys[r, self.fill[r] + pos] = keys
             self.fill[grows] += np.where(over, 0, counts)
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        best = np.partition(self.keys, self.cap - self.k, axis=1)[:, self.cap - self.k:]
-        best = ~np.sort(~best, axis=1)  # descending; ~x (= -x - 1) reverses order without overflowing
-        return _vals_np(best), np.int64(_LOW) - (best & np.int64(_LOW))
+    def result(self, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(scores fp32 [Q, k], indices int64 [Q, k]) sorted; row blocks keep the temporaries small."""
+        nq = self.keys.shape[0]
+        vals, idx = np.empty((nq, self.k), np.float32), np.empty((nq, self.k), np.int64)
+        for a in range(0, nq, block):
+            best = np.partition(self.keys[a: a + block], self.cap - self.k, axis=1)[:, self.cap - self.k:]
+            best = ~np.sort(~best, axis=1)  # descending; ~x (= -x - 1) reverses order without overflowing
+            vals[a: a + block] = _vals_np(best)
+            idx[a: a + block] = np.int64(_LOW) - (best & np.int64(_LOW))
+        return vals, idx
 
 
 def _select(buf: _Buffer, scores: np.ndarray, mask: np.ndarray, r0: int, s: int, k: int) -> None:
@@ -236,6 +242,7 @@ def _topk_numpy(queries: Any, docs: Any, k: int, chunk_size: int, query_chunk_si
     finally:
         for w in workers:
             w.shutdown(wait=True, cancel_futures=True)
+    del slots, scores, mask  # free the score blocks before the result's temporaries
     vals, idx = buf.result()
     return torch.from_numpy(vals), torch.from_numpy(idx)
 
