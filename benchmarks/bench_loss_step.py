@@ -10,11 +10,13 @@ batch of synthetic-catalog products, in three ways:
 * ``seven``: the same seven fields through ``gcl.model.FieldEncoder``: identical rows deduplicated across
   fields and samples, each unique row encoded at its real length (length-bucketed passes).
 
-Steps of the three modes are interleaved (so load from other processes hits them alike) and the median of
-``--steps`` timed steps after ``--warmup`` is reported. Prints last, exactly:
-``seven_vs_single=<r> naive_vs_single=<r>``.
+Steps of the three modes are interleaved and the median of ``--steps`` timed steps after ``--warmup`` is
+reported. On CPU the default clock is the process CPU time with one thread (``--clock cpu --threads 1``):
+on a machine shared with other jobs, wall time mostly measures their load (we saw the same step vary 2x),
+while CPU time measures this step's work. ``--clock wall`` (the default on CUDA, with synchronisation)
+measures elapsed time. Prints last, exactly: ``seven_vs_single=<r> naive_vs_single=<r>``.
 
-    python benchmarks/bench_loss_step.py [--batch-size 16] [--steps 5] [--warmup 1] [--threads 2]
+    python benchmarks/bench_loss_step.py [--batch-size 16] [--steps 5] [--warmup 1] [--clock cpu|wall]
 """
 from __future__ import annotations
 
@@ -65,14 +67,18 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                   help="cpu: process CPU time (default on CPU); wall: elapsed time (default on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     dev = torch.device(a.device)
+    clock = a.clock or ("wall" if dev.type == "cuda" else "cpu")
+    now_s = time.perf_counter if clock == "wall" else time.process_time
 
     bundle = build_model(a.model, device=dev)
     model, ctx, pad = bundle.model, bundle.context_length, bundle.pad_id
@@ -109,38 +115,41 @@ def main() -> None:
     modes = {"single": (feats_single, single_loss), "naive": (feats_naive, seven_loss),
              "seven": (feats_seven, seven_loss)}
 
-    def step(name: str) -> float:
+    def step(name: str) -> tuple[float, float]:
+        """One training step; returns (seconds on the chosen clock, wall seconds)."""
         feats_fn, loss_fn = modes[name]
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, w0 = now_s(), time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out = loss_fn(feats_fn(), meta, model.logit_scale, getattr(model, "logit_bias", None))
         out["loss"].backward()
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return now_s() - t0, time.perf_counter() - w0
 
     times: dict[str, list[float]] = {m: [] for m in modes}
     for i in range(a.warmup + a.steps):
-        for m in modes:
-            dt = step(m)
-            if i >= a.warmup:
+        now = {m: step(m) for m in modes}
+        if i >= a.warmup:
+            for m, (dt, _) in now.items():
                 times[m].append(dt)
-        print(f"step {i}{' (warm-up)' if i < a.warmup else ''}: "
-              + ", ".join(f"{m} {times[m][-1] if i >= a.warmup else dt:.2f}s" for m in modes), flush=True)
+        print(f"step {i}{' (warm-up)' if i < a.warmup else ''} [{clock} s, wall s]: "
+              + ", ".join(f"{m} {dt:.2f} ({w:.1f})" for m, (dt, w) in now.items()), flush=True)
 
     n_rows = sum(t.shape[0] for t in tokens.values())
     with torch.no_grad():
         enc.encode_text_fields(tokens, meta["present"])
     real_tokens = sum(int((t != pad).sum()) for t in tokens.values())
-    print(f"model={a.model} device={dev} threads={a.threads} batch={b} real_length={bundle.real_length}")
+    print(f"model={a.model} device={dev} threads={a.threads} batch={b} clock={clock} "
+          f"real_length={bundle.real_length}")
     print(f"text rows: naive {n_rows} x {ctx} tokens; seven {enc.last_unique_rows} unique rows "
           f"in {enc.last_passes} passes ({real_tokens} non-pad tokens before dedup); single {b} x {ctx}")
     med = {m: statistics.median(v) for m, v in times.items()}
     for m, v in med.items():
-        print(f"{m}: median {v:.3f}s/step over {a.steps} steps ({', '.join(f'{x:.2f}' for x in times[m])})")
+        print(f"{m}: median {v:.3f} s/step ({clock}) over {a.steps} steps "
+              f"({', '.join(f'{x:.2f}' for x in times[m])})")
     print(f"seven_vs_single={med['seven'] / med['single']:.3f} naive_vs_single={med['naive'] / med['single']:.3f}")
 
 

@@ -492,15 +492,18 @@ def _pool_positions(tokens: Tensor, pool_type: str, eos_id: int | None) -> Tenso
     return torch.where(hit.any(dim=1), hit.int().argmax(dim=1), torch.full_like(tokens[:, 0], tokens.shape[1] - 1))
 
 
-def _forward_native(parts: _NativeText, tokens: Tensor) -> Tensor:
+def _forward_native(parts: _NativeText, tokens: Tensor, embedded: Tensor | None = None) -> Tensor:
     """Text tower forward at the tokens' own length L (LongTensor[N, L] -> [N, D]).
 
     open_clip's ``CLIP.encode_text`` adds the full positional embedding and full causal mask, so it only
     accepts full-context rows; this slices both to L (valid for causal towers, see real_length_structure).
+    ``embedded``: the rows' token embeddings [N, L, W] when already looked up.
     """
     n_ctx = tokens.shape[1]
     cast = parts.transformer.get_cast_dtype()
-    x = parts.token_embedding(tokens).to(cast) + parts.positional_embedding[:n_ctx].to(cast)
+    if embedded is None:
+        embedded = parts.token_embedding(tokens)
+    x = embedded.to(cast) + parts.positional_embedding[:n_ctx].to(cast)
     mask = parts.attn_mask[:n_ctx, :n_ctx] if parts.attn_mask is not None else None
     x = parts.transformer(x, attn_mask=mask)
     x = parts.ln_final(x)
@@ -517,7 +520,7 @@ def _forward_native(parts: _NativeText, tokens: Tensor) -> Tensor:
 PASS_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 2048}
 
 
-def plan_length_buckets(lengths: Tensor, max_passes: int = 4, pass_overhead_tokens: int = 1024) -> list[int]:
+def plan_length_buckets(lengths: Tensor, max_passes: int = 8, pass_overhead_tokens: int = 1024) -> list[int]:
     """Split rows by real length into at most ``max_passes`` text-tower passes; return ascending max lengths.
 
     Rule: minimise ``sum_p rows_p * len_p + pass_overhead_tokens * passes`` (padded tokens processed plus a
@@ -572,7 +575,7 @@ class FieldEncoder(nn.Module):
     """
 
     def __init__(self, model: nn.Module, real_length: bool, pad_id: int, context_length: int,
-                 max_passes: int = 4, pass_overhead_tokens: int | None = None) -> None:
+                 max_passes: int = 8, pass_overhead_tokens: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.real_length = bool(real_length)
@@ -624,10 +627,13 @@ class FieldEncoder(nn.Module):
             overhead = PASS_OVERHEAD_TOKENS.get(uniq.device.type, PASS_OVERHEAD_TOKENS["cuda"])
         bounds = plan_length_buckets(lengths, self.max_passes, overhead)
         self.last_passes = len(bounds)
+        # One embedding lookup for all rows: its backward then builds the dense [vocab, width] gradient once
+        # instead of once per pass.
+        emb = parts.token_embedding(uniq[:, : bounds[-1]])
         outs, order, lo = [], [], 0
         for hi in bounds:
             idx = torch.nonzero((lengths > lo) & (lengths <= hi)).squeeze(1)
-            outs.append(_forward_native(parts, uniq[idx, :hi]).float())
+            outs.append(_forward_native(parts, uniq[idx, :hi], emb[idx, :hi]).float())
             order.append(idx)
             lo = hi
         order_t = torch.cat(order)
