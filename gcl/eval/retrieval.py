@@ -312,7 +312,7 @@ def _topk_faiss(queries: Any, docs: Any, k: int) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(np.ascontiguousarray(vals)), torch.from_numpy(np.ascontiguousarray(idx.astype(np.int64)))
 
 
-def topk(queries: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray, k: int, chunk_size: int = 16384,
+def topk(queries: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray, k: int, chunk_size: int = 8192,
          *, query_chunk_size: int = 1024, device: torch.device | str | None = None, backend: str = "auto",
          threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` inner products of each query against every document.
