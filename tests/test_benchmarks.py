@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end in their small modes, so they are known to work before a GPU or a
+long run is at hand."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from helpers import ROOT
+
+
+def _load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_benchmark_dry_run(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    payload = _load("gpu_vit_b16").main(["--dry-run", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["dry_run"] is True and len(saved["results"]) == 2
+    for r in payload["results"]:
+        for arm in ("openclip_single", "gcl_single", "gcl_seven", "gcl_seven_naive"):
+            assert r[arm]["samples_per_s"] > 0 and r[arm]["flops_per_step"] > 0
+        # seven text fields cost more FLOPs than one; seven full-context passes without dedup cost the most
+        # (strictly more for the causal tower, which gcl runs at real length)
+        flops = {arm: r[arm]["flops_per_step"] for arm in ("gcl_single", "gcl_seven", "gcl_seven_naive")}
+        assert flops["gcl_seven_naive"] >= flops["gcl_seven"] > flops["gcl_single"]
+        if r["kind"] == "clip":
+            assert flops["gcl_seven_naive"] > 1.5 * flops["gcl_seven"]
+    assert "seven_vs_single=" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_study_quick_end_to_end(tmp_path, catalog_cache):
+    raw = _load("study_multifield").main(["--quick", "--out", str(tmp_path), "--cache-dir", str(catalog_cache)])
+    summary = raw["summary"]
+    assert set(summary) == {"clip_title", "seven_field", "seven_field_nodup", "siglip_seven_field",
+                            "seven_field_fused"}
+    base = summary["clip_title"]["text2image_title/recall@1"]
+    assert base["rel"] == 0.0 and 0.0 <= base["mean"] <= 1.0
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "table.md").read_text().count("|") > 20
+    # the curves come from in-loop evaluation on the val split
+    assert all(len(c["synthetic/avg/text2image/recall@10"]) >= 2 for c in raw["curves"]["seven_field"])
