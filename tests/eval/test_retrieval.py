@@ -132,6 +132,13 @@ def test_faiss_backend_agrees() -> None:
     assert same.any() and (i_f[:, 1:][same] > i_f[:, :-1][same]).all()
 
 
+def test_faiss_backend_missing_gives_clear_error(monkeypatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # as if faiss were not installed
+    q, d = tie_data(8, n=200)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        topk(q, d, 5, backend="faiss")
+
+
 def test_topk_errors() -> None:
     q, d = tie_data(5, n=100)
     with pytest.raises(ValueError, match="k=101"):
