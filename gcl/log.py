@@ -4,11 +4,13 @@ Named ``log`` (not ``logging``) so the standard library is never shadowed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +93,9 @@ class RunLogger:
         self._bar.refresh()
 
     def write(self, msg: str) -> None:
-        """A message that does not break the progress bar (rank 0)."""
-        if not self.is_main:
-            return
-        if self._bar is not None:
-            self._bar.write(msg)
-        log.info(msg)
+        """An INFO message on rank 0 (console and train.log); see :func:`console_logging` for the bar."""
+        if self.is_main:
+            log.info(msg)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -106,6 +105,32 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
         self._bar = self._file = self._wandb = None
+
+
+class _QuietOpenClip(logging.Filter):
+    """open_clip logs its progress (model parsing, config loading) at INFO on the root logger; keep those
+    lines out of the console and train.log, warnings and errors still pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def console_logging() -> Iterator[None]:
+    """While active: console log lines are written through tqdm (the progress bar stays intact) and
+    open_clip's INFO chatter is filtered out."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    quiet = _QuietOpenClip()
+    handlers = list(logging.getLogger().handlers)
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        with logging_redirect_tqdm():
+            yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
 
 
 class Throughput:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from gcl import config as gcl_config
 from gcl.checkpoint import CheckpointManager, find_checkpoint, load_checkpoint, rng_state, set_rng_state
-from gcl.log import RunLogger, Throughput
+from gcl.log import RunLogger, Throughput, console_logging
 
 log = logging.getLogger(__name__)
 
@@ -502,11 +502,9 @@ class Trainer:
         metrics = (self.last_eval or None) if e.which == "latest" else None
         path = export_model(self.run_dir, out, which=e.which, overwrite=e.overwrite, push_to=e.push_to,
                             private=e.private, metrics=metrics)
-        log.info("exported to %s", path)
-        logger_msg = (f"exported model: {path}\n  import open_clip\n  model, _, preprocess = "
-                      f"open_clip.create_model_and_transforms('local-dir:{path}')\n  tokenizer = "
-                      f"open_clip.get_tokenizer('local-dir:{path}')")
-        log.info(logger_msg)
+        log.info("exported model to %s; load it with:\n  import open_clip\n  model, _, preprocess = "
+                 "open_clip.create_model_and_transforms('local-dir:%s')\n  tokenizer = "
+                 "open_clip.get_tokenizer('local-dir:%s')", path, path, path)
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -515,4 +513,5 @@ def run(cfg: DictConfig) -> float | None:
 
     gcl_config.validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return Trainer(cfg, run_dir).fit()
+    with console_logging():
+        return Trainer(cfg, run_dir).fit()
