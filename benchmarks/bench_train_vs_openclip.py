@@ -1,7 +1,7 @@
 """Training throughput of `python train.py` vs OpenCLIP's `python -m open_clip_train.main`, one run.
 
 Same shards (the synthetic catalog at 64 px), same model (`bench-ViT-S` from ../shared/bench), same batch (64),
-same threads, same number of loader workers, fp32 on CPU. OpenCLIP runs in a separate venv (.venv-openclip,
+same threads, same number of loader workers, fp32 on CPU, no gradient clipping (OpenCLIP's default). OpenCLIP runs in a separate venv (.venv-openclip,
 created on first use: its training code pins webdataset<=0.2.86) through ../shared/bench/openclip_baseline.py.
 
 Targets: single-field (title) >= 1.0x OpenCLIP; seven-field >= 0.75x OpenCLIP's single-field.
@@ -25,9 +25,9 @@ from _common import ROOT, SHARED, openclip_python, save_result  # noqa: E402
 def ours(shards: str, samples: int, batch: int, workers: int, loss: str, run_dir: Path) -> float:
     steps = samples // batch
     cmd = [sys.executable, "train.py", "model.name=bench-ViT-S", f"model.config_path={SHARED / 'bench' / 'bench-ViT-S.json'}",
-           f"loss={loss}", f"data.train_shards={shards}", f"data.batch_size={batch}", f"data.num_workers={workers}",
+           f"loss={loss}", f"data.train_shards='{shards}'", f"data.batch_size={batch}", f"data.num_workers={workers}",
            f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.save_every=0", "trainer.log_every=5",
-           "optim.lr=1e-4", "sched.warmup_steps=10", "eval=none", "export.enabled=false",
+           "optim.lr=1e-4", "optim.grad_clip=null", "sched.warmup_steps=10", "eval=none", "export.enabled=false",
            "logger.wandb.mode=disabled", "logger.progress=false", f"hydra.run.dir={run_dir}"]
     subprocess.run(cmd, cwd=ROOT, check=True)
     rates = [json.loads(x)["samples_per_s"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
