@@ -180,3 +180,52 @@ def test_torchrun_two_processes_match_one(tmp_path, catalog_cache):
     a, b = _final_weights(one), _final_weights(two)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-5, diff
+
+
+@pytest.mark.slow
+def test_training_improves_eval_keeps_best_and_logs_wandb_offline(tmp_path, catalog_cache):
+    """A short fixed-seed run scores clearly better than the same model at step 0 on the synthetic suite;
+    evals land in eval/ and metrics.jsonl, the best checkpoint is kept, wandb writes real offline files."""
+    run = tmp_path / "run"
+    metric = "synthetic/avg/text2image/recall@10"
+    _cli(run, catalog_cache, "data.synthetic.products=600", "data.synthetic.image_size=64", "data.batch_size=32",
+         "trainer.max_steps=30", "trainer.eval_every=15", f"trainer.best_metric={metric}",
+         "logger.wandb.mode=offline", "export.enabled=true", "export.which=best", "sched.warmup_steps=5")
+    evals = {r["step"]: r for r in _metrics(run) if f"eval/{metric}" in r}
+    assert sorted(evals) == [0, 15, 30]
+    start, end = evals[0][f"eval/{metric}"], evals[30][f"eval/{metric}"]
+    assert end > start + 0.15, (start, end)
+    mrr = "eval/synthetic/avg/retrieval/mrr@10"  # every retrieval task, held-out combinations included
+    assert evals[30][mrr] > evals[0][mrr], (evals[0][mrr], evals[30][mrr])
+    assert {p.name for p in (run / "eval").glob("step_*.json")} == {
+        "step_000000.json", "step_000015.json", "step_000030.json"}
+    assert json.loads((run / "eval" / "step_000030.json").read_text())[metric] == pytest.approx(end)
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["metric"] == metric and best["value"] == max(evals[s][f"eval/{metric}"] for s in (15, 30))
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb")), "wandb offline files missing"
+    assert (run / "export" / "open_clip_model.safetensors").exists()
+    assert metric.split("/", 1)[1].split("/")[0] in (run / "export" / "README.md").read_text()
+
+
+def test_nonfinite_loss_skips_the_step_and_stops_after_k(tmp_path, catalog_cache):
+    t = _trainer(tmp_path, catalog_cache, "trainer.max_nonfinite=2", "trainer.max_steps=10")
+    real = t.loss_fn
+
+    def nan_loss(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    t.loss_fn = nan_loss
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    batch = next(iter(t.stream))
+    out = t.train_step(batch)
+    assert out["nonfinite_skipped"].item() == 1.0 and t.nonfinite_total == 1
+    for n, p in t.model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), f"{n} changed on a skipped step"
+    t.loss_fn = real
+    t.train_step(batch)
+    assert t.nonfinite_streak == 0 and t.nonfinite_total == 1
+    t.loss_fn = nan_loss
+    with pytest.raises(FloatingPointError, match="max_nonfinite"):
+        t.fit()
