@@ -229,3 +229,32 @@ def test_nonfinite_loss_skips_the_step_and_stops_after_k(tmp_path, catalog_cache
     t.loss_fn = nan_loss
     with pytest.raises(FloatingPointError, match="max_nonfinite"):
         t.fit()
+
+
+@pytest.mark.slow
+def test_optuna_sweep_maximises_the_returned_metric(tmp_path, catalog_cache):
+    _run([sys.executable, "train.py", "-m", "hydra/sweeper=optuna_max", "hydra.sweeper.n_trials=2", *FAST,
+          f"data.synthetic.cache_dir={catalog_cache}", f"hydra.sweep.dir={tmp_path}", "trainer.max_steps=2",
+          "trainer.eval_every=2", "trainer.best_metric=synthetic/avg/text2image/recall@10",
+          "eval.gallery.enabled=false"])
+    import yaml
+
+    res = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert set(res["best_params"]) == {"optim.lr", "optim.weight_decay"}
+    returned = [json.loads((d / "checkpoints" / "best.json").read_text())["value"]
+                for d in sorted(tmp_path.iterdir()) if (d / "checkpoints" / "best.json").exists()]
+    assert len(returned) == 2 and res["best_value"] == pytest.approx(max(returned))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_accelerate_launch_two_processes(tmp_path, catalog_cache):
+    """`accelerate launch` runs the same recipe (its --multi_gpu launcher is torchrun; on CPU we fall back to
+    gloo). accelerate's own --cpu multi-process mode needs MPI, so it is not used here."""
+    run = tmp_path / "acc"
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", *FAST,
+          f"data.synthetic.cache_dir={catalog_cache}", f"hydra.run.dir={run}", "eval=none", "trainer.max_steps=2"])
+    rows = _metrics(run)
+    assert [r["world_size"] for r in rows] == [2, 2]
+    assert load_checkpoint(find_checkpoint(run))["world_size"] == 2
