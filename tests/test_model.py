@@ -347,7 +347,7 @@ def test_wrong_architecture_and_bad_pretrained_fail_clearly(tmp_path):
 
 
 def test_config_path_registers_user_config(tmp_path):
-    shared = Path("/work/shared/bench/bench-ViT-S.json")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "bench" / "bench-ViT-S.json"  # beside the repo
     p = tmp_path / "bench-ViT-S.json"
     if shared.is_file():
         shutil.copy(shared, p)
