@@ -5,7 +5,14 @@ Arms (same initial weights, same data order, same step budget; only the loss cha
   seven_field         GCL seven-field loss (description, title, colors, materials, categories, details, keywords)
   seven_field_nodup   the same without duplicate-aware targets (products sharing "black" are negatives)
   siglip_seven_field  the seven terms with the pairwise sigmoid loss
+  siglip_seven_field_nodup  the same without duplicate-aware labels (shared values labelled negative)
   seven_field_fused   the seven_field models, evaluated with documents = 0.9 image + 0.1 title everywhere
+
+Why a SigLIP no-duplicates arm too: with the softmax (CLIP) loss, duplicates by identical text change
+nothing. Rows with the same string have identical logits, so the one-hot cross entropies of k duplicate rows
+sum to exactly the soft-target ones (and in the other direction their columns are identical), so
+`seven_field_nodup` must equal `seven_field` (a check that the study can fail). The pairwise sigmoid loss
+labels each pair on its own, so there "black" vs another black product's picture really is a wrong label.
 
 Training logs in-loop metrics on the val split (the curves; any choice of weights or hyperparameters is made
 there); the final numbers come from the test split and the held-out-combination split, never used before.
@@ -36,6 +43,7 @@ ARMS = {
     "seven_field": ["loss=seven_field"],
     "seven_field_nodup": ["loss=seven_field", "loss.duplicates=false"],
     "siglip_seven_field": ["loss=siglip_seven_field"],
+    "siglip_seven_field_nodup": ["loss=siglip_seven_field", "loss.duplicates=false"],
 }
 EVAL_ONLY_ARMS = {"seven_field_fused": "seven_field"}
 BASELINE = "clip_title"

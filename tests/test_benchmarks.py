@@ -40,7 +40,7 @@ def test_study_quick_end_to_end(tmp_path, catalog_cache):
     raw = _load("study_multifield").main(["--quick", "--out", str(tmp_path), "--cache-dir", str(catalog_cache)])
     summary = raw["summary"]
     assert set(summary) == {"clip_title", "seven_field", "seven_field_nodup", "siglip_seven_field",
-                            "seven_field_fused"}
+                            "siglip_seven_field_nodup", "seven_field_fused"}
     base = summary["clip_title"]["text2image_title/recall@1"]
     assert base["rel"] == 0.0 and 0.0 <= base["mean"] <= 1.0
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "table.md").read_text().count("|") > 20
