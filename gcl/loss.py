@@ -43,6 +43,11 @@ The design brief names the left side; we apply the same rule to a text-only righ
 its mirror (``image <-> colors``) behave alike. Sides that contain the image use ``item_id`` only. CLIP uses
 a soft target spread uniformly over the row's positives (soft-target cross entropy); SigLIP labels them +1.
 ``duplicates=False`` gives plain InfoNCE / SigLIP (only the diagonal is positive), exactly open_clip's.
+Note for the CLIP kind: when duplicates are identical strings (identical features, so identical logit rows
+and columns), the one-hot cross entropies of the duplicate rows already sum to the soft-target ones, so
+the loss and its gradients are the same either way; the soft targets change the result for ``item_id``
+duplicates (different texts or pictures of one item) and fused sides. For SigLIP every pair has its own
+label, so text duplicates labelled negative are real label noise there (tests show both facts).
 
 **Distributed** (``torch.distributed`` initialised, world size W > 1): every needed field's features are
 gathered once (one autograd all-gather for all fields) and the metadata once (one plain all-gather). Each

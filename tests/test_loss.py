@@ -420,3 +420,24 @@ def test_preset_contents():
     assert rank.left.fields == ("query",) and dict(zip(rank.right.fields, rank.right.weights)) == {
         "image": 0.9, "title": 0.1}
     assert rank.score_to_weight == "linear" and rank.score_field == "score"
+
+
+def test_identical_text_duplicates_change_siglip_but_not_clip():
+    """The encoder gives identical strings identical features. Then CLIP's one-hot cross entropies of the
+    duplicate rows already sum to the soft-target ones (identical logit rows and columns), while SigLIP's
+    per-pair labels really differ. This is what the study's no-duplicates arms measure."""
+    f = feats(5, ["image", "colors"], seed=9)
+    with torch.no_grad():
+        f["colors"][1] = f["colors"][0]  # products 0 and 1 are both "black"
+        f["colors"][3] = f["colors"][2]
+    m = meta(5, ["image", "colors"], text_id={"colors": [11, 11, 12, 12, 13]})
+    ls, lb = scalars()
+    t = [term("c", ["colors"], ["image"])]
+    xs = [f["colors"], f["image"], ls]
+    clip_on = build_loss("clip", t, True)(f, m, ls, None)["loss"]
+    clip_off = build_loss("clip", t, False)(f, m, ls, None)["loss"]
+    torch.testing.assert_close(clip_on, clip_off, **TOL)
+    assert_grads_close(grads(clip_on, xs), grads(clip_off, xs), ["colors", "image", "logit_scale"])
+    sig_on = build_loss("siglip", t, True)(f, m, ls, lb)["loss"]
+    sig_off = build_loss("siglip", t, False)(f, m, ls, lb)["loss"]
+    assert (sig_on - sig_off).abs() > 1e-3
