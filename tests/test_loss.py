@@ -423,21 +423,24 @@ def test_preset_contents():
 
 
 def test_identical_text_duplicates_change_siglip_but_not_clip():
-    """The encoder gives identical strings identical features. Then CLIP's one-hot cross entropies of the
-    duplicate rows already sum to the soft-target ones (identical logit rows and columns), while SigLIP's
-    per-pair labels really differ. This is what the study's no-duplicates arms measure."""
-    f = feats(5, ["image", "colors"], seed=9)
-    with torch.no_grad():
-        f["colors"][1] = f["colors"][0]  # products 0 and 1 are both "black"
-        f["colors"][3] = f["colors"][2]
+    """The encoder gives identical strings one shared feature (one unique row, gathered). Then CLIP's one-hot
+    cross entropies of the duplicate rows already sum to the soft-target ones (identical logit rows and
+    columns): same loss, same gradients w.r.t. the towers' outputs. SigLIP's per-pair labels really differ.
+    This is what the study's no-duplicates arms measure."""
+    g = torch.Generator().manual_seed(9)
+    unique = torch.randn(3, 6, generator=g, dtype=DT).requires_grad_()  # "black", "red", "blue"
+    image = torch.randn(5, 6, generator=g, dtype=DT).requires_grad_()
+    def f():  # a fresh gather per loss, as the encoder builds it each step
+        return {"colors": unique[torch.tensor([0, 0, 1, 1, 2])], "image": image}
+
     m = meta(5, ["image", "colors"], text_id={"colors": [11, 11, 12, 12, 13]})
     ls, lb = scalars()
     t = [term("c", ["colors"], ["image"])]
-    xs = [f["colors"], f["image"], ls]
-    clip_on = build_loss("clip", t, True)(f, m, ls, None)["loss"]
-    clip_off = build_loss("clip", t, False)(f, m, ls, None)["loss"]
+    xs = [unique, image, ls]
+    clip_on = build_loss("clip", t, True)(f(), m, ls, None)["loss"]
+    clip_off = build_loss("clip", t, False)(f(), m, ls, None)["loss"]
     torch.testing.assert_close(clip_on, clip_off, **TOL)
     assert_grads_close(grads(clip_on, xs), grads(clip_off, xs), ["colors", "image", "logit_scale"])
-    sig_on = build_loss("siglip", t, True)(f, m, ls, lb)["loss"]
-    sig_off = build_loss("siglip", t, False)(f, m, ls, lb)["loss"]
+    sig_on = build_loss("siglip", t, True)(f(), m, ls, lb)["loss"]
+    sig_off = build_loss("siglip", t, False)(f(), m, ls, lb)["loss"]
     assert (sig_on - sig_off).abs() > 1e-3
