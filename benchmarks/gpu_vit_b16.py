@@ -102,7 +102,7 @@ def _flops(step) -> float:
     return float(fc.get_total_flops())
 
 
-def bench_model(name: str, kind: str, batch_size: int, steps: int, warmup: int, device, dtype, dry: bool) -> dict:
+def bench_model(name: str, kind: str, batch_size: int, steps: int, warmup: int, device, dtype) -> dict:
     from open_clip.loss import ClipLoss, SigLipLoss
 
     from gcl.loss import build_loss
@@ -118,8 +118,6 @@ def bench_model(name: str, kind: str, batch_size: int, steps: int, warmup: int, 
         opt = torch.optim.AdamW([p for p in bundle.model.parameters() if p.requires_grad], lr=1e-5,
                                 fused=device.type == "cuda")
         return bundle, opt
-
-    image_size = None
 
     def gcl_step_fn(bundle, opt, fields, naive=False):
         """gcl's step; ``naive`` encodes each text field in its own full-context pass (no dedup, no trimming)."""
@@ -211,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = torch.device("cuda")
         torch.backends.cuda.matmul.allow_tf32 = True
         models = [("ViT-B-16", "clip"), ("ViT-B-16-SigLIP", "siglip")]
-    results = [bench_model(n, k, a.batch_size, a.steps, a.warmup, device, torch.bfloat16, a.dry_run)
+    results = [bench_model(n, k, a.batch_size, a.steps, a.warmup, device, torch.bfloat16)
                for n, k in models]
     payload = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)",
                "dry_run": a.dry_run, "results": results}

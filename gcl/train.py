@@ -473,13 +473,11 @@ class Trainer:
                    samples_per_s=rate, world_size=self.world_size, nonfinite_total=self.nonfinite_total)
         if getattr(self.model, "logit_bias", None) is not None:
             row["logit_bias"] = float(self.model.logit_bias.detach())
+        # the stream lists every skip reason (zeros included) in a fixed order, so ranks reduce aligned tensors
         skipped = dict(self.stream.skipped)
-        if skipped:
-            keys = sorted(skipped)
-            tot = _all_reduce_sum(torch.tensor([float(skipped[k]) for k in keys]))
-            row.update({f"skipped/{k}": int(v) for k, v in zip(keys, tot)})
-        else:
-            _all_reduce_sum(torch.zeros(0))  # keep collectives aligned across ranks
+        keys = sorted(skipped)
+        tot = _all_reduce_sum(torch.tensor([float(skipped[k]) for k in keys]))
+        row.update({f"skipped/{k}": int(v) for k, v in zip(keys, tot)})
         row["samples_seen"] = self.step * batch["image"].shape[0] * self.world_size
         logger.log_metrics(row, self.step)
         logger.progress(self.step, loss=row["loss"], lr=row["lr"], sps=round(rate, 1))

@@ -70,8 +70,7 @@ def test_accumulation_equals_one_big_batch(tmp_path, catalog_cache, loss):
     assert set(g1) == set(g4) and "logit_scale" in g1
     for n in g1:
         torch.testing.assert_close(g4[n], g1[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
-    # A naive per-micro-batch accumulation would see 2-sample contrastive problems: far from these gradients.
-    assert g1["logit_scale"].abs() > 0
+    assert g1["logit_scale"].abs() > 0  # the scale really receives a gradient to compare
 
 
 def test_metrics_jsonl_contract(tmp_path, catalog_cache):
