@@ -34,6 +34,7 @@ class ModelConfig:
     lock_text_freeze_layer_norm: bool = True
     grad_checkpointing: bool = False
     compile: bool = False
+    text_packing: str = "auto"  # auto | prefix | buckets: how real-length text rows are batched (gcl.model)
     logit_bias_init: Optional[float] = None  # sigmoid loss on a model without logit_bias: init value
     cache_dir: Optional[str] = None
 
@@ -253,6 +254,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.batch_size % t.accum_steps:
         _fail("data.batch_size", f"{cfg.data.batch_size} must be divisible by trainer.accum_steps="
               f"{t.accum_steps} (data.batch_size is the per-rank batch of one optimizer step)")
+    if cfg.model.text_packing not in ("auto", "prefix", "buckets"):
+        _fail("model.text_packing", f"{cfg.model.text_packing!r} is not one of auto, prefix, buckets")
     if t.device not in ("auto", "cpu", "cuda"):
         _fail("trainer.device", f"{t.device!r} is not one of auto, cpu, cuda")
     if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):

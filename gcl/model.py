@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from open_clip.transformer import TextTransformer, text_global_pool
+from open_clip.transformer import ResidualAttentionBlock, TextTransformer, text_global_pool
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,16 @@ PRECISIONS = ("fp32", "bf16", "fp16", "pure_bf16", "pure_fp16")
 HF_WEIGHTS = "open_clip_pytorch_model.bin"
 HF_SAFE_WEIGHTS = "open_clip_model.safetensors"
 HF_CONFIG = "open_clip_config.json"
-# Probe strings for the real-length check: one very short, one long, one in between.
+# Probe strings for the real-length and packing checks: one very short, one long, one in between, and rows
+# that share prefixes with them (prefix-shared packing encodes a shared prefix once).
 _PROBE_TEXTS = (
     "a",
     "red cotton midi dress with long sleeves, a round neck, a button front and two side pockets",
     "black leather ankle boots",
+    "red cotton midi dress",
+    "black leather belt",
 )
+TEXT_PACKING = ("auto", "prefix", "buckets")
 _REACH_TIMEOUT_S = 3.0
 
 # Names whose config gcl registered (package configs and config_path files). They get open_clip's default
@@ -514,6 +519,127 @@ def _forward_native(parts: _NativeText, tokens: Tensor, embedded: Tensor | None 
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
+@dataclass
+class PackPlan:
+    """Prefix-shared packing of token rows into ``S`` sequences of ``C`` slots (see :func:`plan_prefix_packing`)."""
+
+    tokens: Tensor  # LongTensor[S, C]: the token of each slot (pad_id in unused slots)
+    positions: Tensor  # LongTensor[S, C]: each slot's depth in its row, the positional-embedding index
+    allowed: Tensor  # BoolTensor[S, C, C]: allowed[s, i, j] = slot j is slot i or one of its ancestors
+    pooled: Tensor  # LongTensor[U]: flat slot (s * C + i) of each row's pooled (last) token
+    nodes: int  # slots holding a token; the rest are padding
+
+
+def _greedy_fill(lengths: list[int], lcp: list[int], capacity: int) -> tuple[list[int], list[int], list[int]]:
+    """Next-fit of rows into sequences of ``capacity`` slots; a row shares its prefix with the row before it
+    when both are in the same sequence. Returns per row (sequence, first new slot, shared prefix length)."""
+    seq, start, shared = [], [], []
+    s, fill = -1, capacity
+    for r, n in enumerate(lengths):
+        p = lcp[r] if r else 0
+        if fill + n - p > capacity:
+            s, fill, p = s + 1, 0, 0
+        seq.append(s)
+        start.append(fill)
+        shared.append(p)
+        fill += n - p
+    return seq, start, shared
+
+
+def plan_prefix_packing(rows: Tensor, lengths: Tensor, width: int, pad_id: int = 0) -> PackPlan:
+    """Pack token rows for a causal text tower so that every distinct prefix is computed once.
+
+    Under a causal mask, the hidden state of a token depends only on the tokens before it, so rows that
+    start with the same tokens (every row's start token; "red cotton ..." and "red cotton dress") share
+    those positions' states exactly. Rows are taken in lexicographic order, so a row's longest common
+    prefix with any earlier row of its sequence is its prefix with the row just before it; the row then
+    adds only its remaining tokens as new slots. Each slot attends to itself and its ancestors (the
+    ``allowed`` mask) and keeps its depth as its position, so every row sees exactly the keys, values and
+    positions it would see alone: the pooled outputs equal per-row encoding up to float reduction order.
+
+    The sequence capacity ``C`` (>= the longest row) is chosen among a few multiples of the longest row to
+    minimise ``slots * (1 + C / (6 * width))``: slots are the per-token matmul work (``12 * width**2``
+    multiply-adds per layer), and ``2 * C * width`` is one slot's attention work.
+
+    rows: LongTensor[U, W], distinct rows, trailing padding allowed; lengths: LongTensor[U] real lengths
+    (pooled position + 1).
+    """
+    u = rows.detach().cpu().numpy()
+    n = lengths.detach().cpu().numpy().astype(np.int64)
+    if u.ndim != 2 or len(u) == 0 or len(n) != len(u) or n.min() < 1:
+        raise ValueError(f"expected non-empty rows [U, W] with lengths >= 1, got {u.shape} / {n.shape}")
+    order = np.lexsort(u[:, ::-1].T)  # lexicographic: column 0 is the primary key
+    u, n = u[order], n[order]
+    depth = int(n.max())
+    lcp = np.zeros(len(u), dtype=np.int64)
+    if len(u) > 1:
+        lcp[1:] = np.cumprod(u[1:, :depth] == u[:-1, :depth], axis=1).sum(axis=1)
+        # Share only positions both rows have, and leave each row >= 1 own slot (its pooled token).
+        lcp[1:] = np.minimum(lcp[1:], np.minimum(n[1:] - 1, n[:-1]))
+    n_list, lcp_list = n.tolist(), lcp.tolist()
+    best = None
+    for c in sorted({depth, *(-(-depth * k // 16) * 8 for k in (3, 4, 6, 8))}):  # 1x, 1.5x, 2x, 3x, 4x
+        fill = _greedy_fill(n_list, lcp_list, c)
+        cost = (fill[0][-1] + 1) * c * (1 + c / (6 * width))
+        if best is None or cost < best[0]:
+            best = (cost, c, fill)
+    _, cap, (seq_l, start_l, shared_l) = best
+    seq, start, shared = (np.asarray(x, dtype=np.int64) for x in (seq_l, start_l, shared_l))
+    n_seq = int(seq[-1]) + 1
+
+    # path[r, d]: slot (within its sequence) of row r's token at depth d. The slot was created by the
+    # latest row r' <= r with shared[r'] <= d; sequence starts have shared = 0, so r' is in r's sequence.
+    idx_rows = np.arange(len(u))
+    path = np.empty((len(u), depth), dtype=np.int64)
+    for d in range(depth):
+        creator = np.maximum.accumulate(np.where(shared <= d, idx_rows, 0))
+        path[:, d] = start[creator] + d - shared[creator]
+
+    ri, di = np.nonzero((np.arange(depth)[None, :] >= shared[:, None]) & (np.arange(depth)[None, :] < n[:, None]))
+    flat = seq[ri] * cap + path[ri, di]
+    tokens = np.full(n_seq * cap, pad_id, dtype=np.int64)
+    positions = np.zeros(n_seq * cap, dtype=np.int64)
+    tokens[flat] = u[ri, di]
+    positions[flat] = di
+    allowed = np.zeros((n_seq * cap, cap), dtype=bool)
+    allowed[np.arange(n_seq * cap), np.arange(n_seq * cap) % cap] = True  # padding slots see only themselves
+    node, e = np.nonzero(np.arange(depth)[None, :] <= di[:, None])
+    allowed[flat[node], path[ri[node], e]] = True
+    pooled = np.empty(len(u), dtype=np.int64)
+    pooled[order] = seq * cap + path[idx_rows, n - 1]
+    device = rows.device
+    return PackPlan(tokens=torch.from_numpy(tokens).view(n_seq, cap).to(device),
+                    positions=torch.from_numpy(positions).view(n_seq, cap).to(device),
+                    allowed=torch.from_numpy(allowed).view(n_seq, cap, cap).to(device),
+                    pooled=torch.from_numpy(pooled).to(device), nodes=len(flat))
+
+
+def _packable(parts: _NativeText) -> bool:
+    """Whether every block of the tower takes a per-sequence [N * heads, L, L] attention mask (open_clip's
+    ResidualAttentionBlock over ``nn.MultiheadAttention``)."""
+    blocks = getattr(parts.transformer, "resblocks", None)
+    return bool(blocks) and all(isinstance(b, ResidualAttentionBlock) and isinstance(b.attn, nn.MultiheadAttention)
+                                and not hasattr(b, "ln_1_kv") for b in blocks)
+
+
+def _forward_packed(parts: _NativeText, plan: PackPlan, embedded: Tensor | None = None) -> Tensor:
+    """Text tower forward over a :class:`PackPlan` -> FloatTensor[U, D], one pooled row per packed row."""
+    cast = parts.transformer.get_cast_dtype()
+    if embedded is None:
+        embedded = parts.token_embedding(plan.tokens)
+    # F.embedding, not indexing: its CPU backward sums repeated positions in a fixed order (indexing's
+    # backward uses atomic adds there, so resumed and uninterrupted runs would drift apart by ~1e-6).
+    x = embedded.to(cast) + F.embedding(plan.positions, parts.positional_embedding).to(cast)
+    heads = parts.transformer.resblocks[0].attn.num_heads
+    mask = torch.zeros(plan.allowed.shape, dtype=cast, device=x.device).masked_fill_(~plan.allowed, float("-inf"))
+    x = parts.transformer(x, attn_mask=mask.repeat_interleave(heads, dim=0))
+    x = parts.ln_final(x.reshape(-1, x.shape[-1])[plan.pooled])
+    proj = parts.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
 # Fixed cost of one more text-tower pass, in tokens of work. CPU: a pass costs ~1 ms of Python/dispatch
 # while one ViT-B text token (forward + backward) costs ~1-3 ms, so splitting almost always pays. CUDA: a pass
 # is ~500 kernel launches (~2-3 ms) while thousands of tokens run in that time at small batch.
@@ -567,15 +693,18 @@ class FieldEncoder(nn.Module):
     from every use add up through the gather), then encoded:
 
     * ``real_length=True`` (causal tower, EOT pooling, verified at build): each unique row runs at its real
-      length (up to its EOT), rows grouped by length into at most ``max_passes`` passes
+      length (up to its EOT). ``text_packing="prefix"`` packs the rows into a few sequences in which every
+      distinct prefix is one slot (see :func:`plan_prefix_packing`): one pass, no padding between rows, shared
+      prefixes computed once. ``"buckets"`` groups rows by length into at most ``max_passes`` padded passes
       (see :func:`plan_length_buckets`; ``pass_overhead_tokens`` defaults to ``PASS_OVERHEAD_TOKENS`` of the
-      model's device type);
+      model's device type). ``"auto"`` is prefix packing when every text block takes a per-sequence mask
+      (open_clip's ``ResidualAttentionBlock``), else buckets;
     * ``real_length=False`` (SigLIP-like towers): rows are padded with ``pad_id`` back to ``context_length``
       and encoded by ``model.encode_text`` in one pass, exactly as the model was trained.
     """
 
     def __init__(self, model: nn.Module, real_length: bool, pad_id: int, context_length: int,
-                 max_passes: int = 8, pass_overhead_tokens: int | None = None) -> None:
+                 max_passes: int = 8, pass_overhead_tokens: int | None = None, text_packing: str = "auto") -> None:
         super().__init__()
         self.model = model
         self.real_length = bool(real_length)
@@ -583,11 +712,20 @@ class FieldEncoder(nn.Module):
         self.context_length = int(context_length)
         self.max_passes = max_passes
         self.pass_overhead_tokens = pass_overhead_tokens
-        if self.real_length and _native_text(model) is None:
+        if text_packing not in TEXT_PACKING:
+            raise ValueError(f"text_packing={text_packing!r} is not one of {TEXT_PACKING}")
+        parts = _native_text(model)
+        if self.real_length and parts is None:
             raise ValueError("real_length=True needs a native open_clip text tower (CLIP or TextTransformer)")
+        packable = self.real_length and _packable(parts)
+        if text_packing == "prefix" and not packable:
+            raise ValueError("text_packing='prefix' needs a real-length causal text tower built from open_clip "
+                             "ResidualAttentionBlocks; use text_packing='auto' or 'buckets'")
+        self.text_packing = "prefix" if packable and text_packing != "buckets" else "buckets"
         self._embed_dim: int | None = None
         self.last_passes = 0  # text-tower passes of the last call (for tests and logging)
         self.last_unique_rows = 0
+        self.last_text_slots = 0  # token positions the text tower ran over in the last call, padding included
 
     # -- images
     def _image_dtype(self) -> torch.dtype:
@@ -619,14 +757,21 @@ class FieldEncoder(nn.Module):
         if not self.real_length:
             self.last_passes = 1
             full = F.pad(uniq, (0, self.context_length - uniq.shape[1]), value=self.pad_id)
+            self.last_text_slots = full.numel()
             return self.model.encode_text(full).float()
         parts = _native_text(self.model)
         lengths = _pool_positions(uniq, parts.pool_type, parts.eos_id) + 1
+        if self.text_packing == "prefix":
+            plan = plan_prefix_packing(uniq, lengths, parts.transformer.width, self.pad_id)
+            self.last_passes, self.last_text_slots = 1, plan.tokens.numel()
+            return _forward_packed(parts, plan).float()
         overhead = self.pass_overhead_tokens
         if overhead is None:
             overhead = PASS_OVERHEAD_TOKENS.get(uniq.device.type, PASS_OVERHEAD_TOKENS["cuda"])
         bounds = plan_length_buckets(lengths, self.max_passes, overhead)
         self.last_passes = len(bounds)
+        self.last_text_slots = sum(int(((lengths > lo) & (lengths <= hi)).sum()) * hi
+                                   for lo, hi in zip([0, *bounds[:-1]], bounds))
         # One embedding lookup for all rows: its backward then builds the dense [vocab, width] gradient once
         # instead of once per pass.
         emb = parts.token_embedding(uniq[:, : bounds[-1]])
@@ -724,9 +869,11 @@ class ModelBundle:
     pretrained: str | None
     model_cfg: dict = field(default_factory=dict)
     preprocess_cfg: dict = field(default_factory=dict)
+    text_packing: str = "buckets"  # verified at build: "prefix" or "buckets" (see FieldEncoder)
 
     def field_encoder(self, **kwargs: Any) -> FieldEncoder:
-        """A :class:`FieldEncoder` for this model, tokenizer padding and real-length decision."""
+        """A :class:`FieldEncoder` for this model, tokenizer padding, real-length and packing decisions."""
+        kwargs.setdefault("text_packing", self.text_packing)
         return FieldEncoder(self.model, self.real_length, self.pad_id, self.context_length, **kwargs)
 
 
@@ -753,17 +900,19 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = t
 
 
-def verify_real_length(model: nn.Module, tokenizer: Callable, pad_id: int, context_length: int) -> tuple[bool, float]:
+def verify_real_length(model: nn.Module, tokenizer: Callable, pad_id: int, context_length: int,
+                       text_packing: str = "buckets") -> tuple[bool, float]:
     """Check empirically that real-length encoding equals open_clip's full-context ``encode_text``.
 
     Encodes probe strings at full context with the model's own ``encode_text`` and with the real-length
-    encoder (rows trimmed and bucketed). Returns (ok, max abs difference); tolerance 1e-5 in fp32, and
-    2e-2 x the feature scale for bf16/fp16 towers (different sequence lengths change reduction order).
+    encoder (rows trimmed and bucketed, or prefix-packed with ``text_packing="prefix"``). Returns (ok, max
+    abs difference); tolerance 1e-5 in fp32, and 2e-2 x the feature scale for bf16/fp16 towers (different
+    sequence lengths change reduction order).
     """
     full = tokenizer(list(_PROBE_TEXTS), context_length=context_length)
     device = next(model.parameters()).device
     full = full.to(device)
-    enc = FieldEncoder(model, True, pad_id, context_length, pass_overhead_tokens=0)
+    enc = FieldEncoder(model, True, pad_id, context_length, pass_overhead_tokens=0, text_packing=text_packing)
     with torch.no_grad(), _eval_mode(model):
         ref = model.encode_text(full).float()
         got = enc.encode_tokens(full)
@@ -778,7 +927,7 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
                 lock_image_unlocked_groups: int = 0, lock_image_freeze_bn: bool = True, lock_text: bool = False,
                 lock_text_unlocked_layers: int = 0, lock_text_freeze_layer_norm: bool = True,
                 grad_checkpointing: bool = False, compile: bool = False, logit_bias_init: float | None = None,
-                cache_dir: str | None = None) -> ModelBundle:
+                cache_dir: str | None = None, text_packing: str = "auto") -> ModelBundle:
     """Build an open_clip model with its transforms and tokenizer, ready for GCL fine-tuning.
 
     Args:
@@ -795,6 +944,9 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
         logit_bias_init: if not None and the model has no ``logit_bias`` (CLIP family), attach a learnable one
             with this value after loading weights - pass it only for a sigmoid loss.
         cache_dir: download cache (open_clip's ``cache_dir``: the Hub cache or ~/.cache/clip for URL tags).
+        text_packing: ``auto`` (prefix-shared packing when the text tower supports it and a probe confirms it
+            matches ``encode_text``, else length buckets), ``prefix`` (required; error otherwise), or
+            ``buckets``. See :class:`FieldEncoder`.
 
     Raises:
         WeightsUnavailableError: weights not cached and not downloadable (offline) - at once, before any
@@ -803,6 +955,8 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
     t0 = time.perf_counter()
     if precision not in PRECISIONS:
         raise ValueError(f"model.precision={precision!r} is not one of {PRECISIONS}")
+    if text_packing not in TEXT_PACKING:
+        raise ValueError(f"model.text_packing={text_packing!r} is not one of {TEXT_PACKING}")
     if config_path:
         stem = register_model_config(config_path)
         if name != stem:
@@ -854,12 +1008,22 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
         model.set_grad_checkpointing(True)
 
     pad_id = tokenizer_pad_id(tokenizer)
-    real_length = False
+    real_length, packing = False, "buckets"
     if real_length_structure(model):
         real_length, diff = verify_real_length(model, tokenizer, pad_id, model.context_length)
         if not real_length:
             log.warning("text tower looks causal but real-length encoding differs by %.2e from full context; "
                         "encoding at the fixed context length instead", diff)
+        elif text_packing != "buckets" and _packable(_native_text(model)):
+            ok, diff = verify_real_length(model, tokenizer, pad_id, model.context_length, text_packing="prefix")
+            if ok:
+                packing = "prefix"
+            else:
+                log.warning("prefix-packed text encoding differs by %.2e from encode_text; using length buckets",
+                            diff)
+    if text_packing == "prefix" and packing != "prefix":
+        raise ValueError(f"model.text_packing=prefix is not possible for {name}: its text tower is not a verified "
+                         "real-length causal open_clip tower; use model.text_packing=auto or buckets")
     if compile:
         model.visual.compile()
         parts = _native_text(model)
@@ -869,9 +1033,9 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
     pp = PreprocessCfg(**pp_cfg)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    log.info("built %s (pretrained=%s, %s): %.1fM params, %.1fM trainable, text %s-length, %.1fs", name,
+    log.info("built %s (pretrained=%s, %s): %.1fM params, %.1fM trainable, text %s-length%s, %.1fs", name,
              pretrained, precision, n_all / 1e6, n_train / 1e6, "real" if real_length else "fixed",
-             time.perf_counter() - t0)
+             ", prefix-packed" if packing == "prefix" else "", time.perf_counter() - t0)
     return ModelBundle(
         model=model,
         preprocess_train=image_transform_v2(pp, is_train=True),
@@ -880,6 +1044,7 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
         context_length=int(model.context_length),
         pad_id=pad_id,
         real_length=real_length,
+        text_packing=packing,
         name=name,
         pretrained=pretrained,
         model_cfg=model_cfg,

@@ -146,7 +146,7 @@ class Trainer:
 
         from gcl.data.stream import build_train_stream
         from gcl.loss import build_loss
-        from gcl.model import FieldEncoder, build_model
+        from gcl.model import build_model
         from gcl.optim import build_optimizer, build_scheduler
 
         self.cfg = cfg
@@ -178,15 +178,14 @@ class Trainer:
             lock_image_freeze_bn=m.lock_image_freeze_bn, lock_text=m.lock_text,
             lock_text_unlocked_layers=m.lock_text_unlocked_layers,
             lock_text_freeze_layer_norm=m.lock_text_freeze_layer_norm, grad_checkpointing=m.grad_checkpointing,
-            compile=m.compile,
+            compile=m.compile, text_packing=m.text_packing,
             logit_bias_init=(m.logit_bias_init if m.logit_bias_init is not None else -10.0)
             if cfg.loss.kind == "siglip" else None,
             cache_dir=m.cache_dir)
         model = self.bundle.model
         self.model = model
         self.fields = sorted(self.loss_fn.fields)
-        encoder = FieldEncoder(model, real_length=self.bundle.real_length, pad_id=self.bundle.pad_id,
-                               context_length=self.bundle.context_length)
+        encoder = self.bundle.field_encoder()
         # exp(logit_scale) is clamped to logit_scale_max, but never below a pretrained scale (SigLIP ~ 110).
         init_scale = float(model.logit_scale.detach())
         cap = cfg.optim.logit_scale_max

@@ -24,6 +24,7 @@ from gcl.model import (
     build_model,
     lock_towers,
     plan_length_buckets,
+    plan_prefix_packing,
     real_length_structure,
 )
 
@@ -79,16 +80,20 @@ def _seq_lengths(transformer: torch.nn.Module) -> tuple[list[int], torch.utils.h
 # ------------------------------------------------------------------------------------------ real length
 
 
-def test_tiny_real_length_equals_full_context(tiny):
+@pytest.mark.parametrize("packing", ["buckets", "prefix"])
+def test_tiny_real_length_equals_full_context(tiny, packing):
     assert tiny.real_length and real_length_structure(tiny.model)
-    assert tiny.context_length == 77 and tiny.pad_id == 0
-    enc = tiny.field_encoder()
+    assert tiny.context_length == 77 and tiny.pad_id == 0 and tiny.text_packing == "prefix"
+    enc = tiny.field_encoder(text_packing=packing)
     tokens, present = batch_tokens(tiny)
     seen, h = _seq_lengths(tiny.model.transformer)
     with torch.no_grad():
         out = enc.encode_text_fields(tokens, present)
     h.remove()
-    assert max(seen) < 40, f"text passes should run at real length, saw {seen}"
+    if packing == "buckets":
+        assert max(seen) < 40, f"text passes should run at real length, saw {seen}"
+    else:  # one packed pass (its slot accounting is checked in the plan test below)
+        assert len(seen) == 1 and enc.last_passes == 1
     with torch.no_grad():
         for f in TEXTS:
             ref = tiny.model.encode_text(full_context(tokens[f], 77, 0))
@@ -151,10 +156,10 @@ def _naive(bundle, tokens, present):
     return out
 
 
-@pytest.mark.parametrize("which", ["tiny", "tiny_siglip"])
-def test_dedup_outputs_and_gradients_equal_naive(which, request):
+@pytest.mark.parametrize("which,packing", [("tiny", "prefix"), ("tiny", "buckets"), ("tiny_siglip", "auto")])
+def test_dedup_outputs_and_gradients_equal_naive(which, packing, request):
     bundle = request.getfixturevalue(which)
-    enc = bundle.field_encoder()
+    enc = bundle.field_encoder(text_packing=packing)
     tokens, present = batch_tokens(bundle)
     params = [p for p in bundle.model.parameters() if p.requires_grad]
     torch.manual_seed(1)
@@ -203,6 +208,76 @@ def _bucket_cost(lengths: list[int], bounds: list[int], overhead: int) -> int:
         cost += sum(1 for x in lengths if lo < x <= hi) * hi + overhead
         lo = hi
     return cost
+
+
+def _random_rows(g: torch.Generator, n: int, vocab: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct token rows like a tokenizer's: start 49406, a few words from a small vocab (so prefixes are
+    shared often), end 49407, zero padding."""
+    rows = set()
+    while len(rows) < n:
+        k = int(torch.randint(0, 12, (1,), generator=g))
+        rows.add((49406, *torch.randint(1, vocab, (k,), generator=g).tolist(), 49407))
+    width = max(map(len, rows)) + 3
+    t = torch.tensor([list(r) + [0] * (width - len(r)) for r in rows])
+    return t[torch.randperm(len(t), generator=g)], torch.tensor([len(r) for r in rows])
+
+
+def test_prefix_packing_plan_reconstructs_every_row_and_shares_prefixes():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        rows, _ = _random_rows(g, int(torch.randint(1, 60, (1,), generator=g)))
+        lengths = rows.argmax(1) + 1
+        plan = plan_prefix_packing(rows, lengths, width=64)
+        n_seq, cap = plan.tokens.shape
+        assert cap >= int(lengths.max()) and plan.allowed.shape == (n_seq, cap, cap)
+        toks, pos = plan.tokens.reshape(-1), plan.positions.reshape(-1)
+        for r in range(len(rows)):
+            s, i = divmod(int(plan.pooled[r]), cap)
+            # The pooled slot sees exactly its row: one slot per position 0..L-1 holding the row's tokens.
+            seen = plan.allowed[s, i].nonzero().squeeze(1) + s * cap
+            order = seen[pos[seen].argsort()]
+            assert pos[order].tolist() == list(range(int(lengths[r])))
+            assert toks[order].tolist() == rows[r, : int(lengths[r])].tolist()
+        # Every slot sees itself and only slots at smaller depth (a chain); no real slot sees padding.
+        allowed = plan.allowed.reshape(-1, cap)
+        assert allowed[torch.arange(n_seq * cap), torch.arange(n_seq * cap) % cap].all()
+        assert int(allowed.sum(1).max()) <= int(lengths.max())
+        trie = {tuple(r[:k].tolist()) for r, n in zip(rows, lengths) for k in range(1, int(n) + 1)}
+        assert len(trie) <= plan.nodes <= int(lengths.sum())
+        if n_seq == 1:
+            assert plan.nodes == len(trie), trial  # one sequence: each distinct prefix is one slot
+
+
+def test_prefix_packing_gradients_equal_open_clip_per_row(tiny):
+    """Packed encoding of rows with many shared prefixes: features and every parameter gradient equal
+    open_clip's own encode_text at full context, row by row."""
+    rows, _ = _random_rows(torch.Generator().manual_seed(1), 40, vocab=4)
+    enc = tiny.field_encoder(text_packing="prefix")
+    params = [p for p in tiny.model.parameters() if p.requires_grad]
+    w = torch.randn(len(rows), 128, generator=torch.Generator().manual_seed(2))
+    got = enc.encode_tokens(rows)
+    assert enc.last_text_slots < int((rows.argmax(1) + 1).sum())
+    ref = tiny.model.encode_text(full_context(rows, 77, 0))
+    assert (got - ref).abs().max().item() <= 1e-5
+    g_got = torch.autograd.grad((got * w).sum(), params, allow_unused=True)
+    g_ref = torch.autograd.grad((ref * w).sum(), params, allow_unused=True)
+    for (name, _), a, b in zip([x for x in tiny.model.named_parameters() if x[1].requires_grad], g_got, g_ref):
+        if b is None or not b.abs().max():
+            assert a is None or not a.abs().max(), name
+        else:
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-7, name
+
+
+def test_text_packing_choice_is_checked(tiny, tiny_siglip):
+    assert tiny_siglip.text_packing == "buckets"
+    assert tiny_siglip.field_encoder().text_packing == "buckets"
+    with pytest.raises(ValueError, match="text_packing='prefix' needs"):
+        tiny_siglip.field_encoder(text_packing="prefix")
+    with pytest.raises(ValueError, match="is not one of"):
+        tiny.field_encoder(text_packing="packed")
+    assert build_model("gcl-tiny", text_packing="buckets").text_packing == "buckets"
+    with pytest.raises(ValueError, match="model.text_packing=prefix is not possible"):
+        build_model("gcl-tiny-siglip", text_packing="prefix")
 
 
 def test_length_buckets_are_optimal_by_brute_force():

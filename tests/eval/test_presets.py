@@ -178,7 +178,7 @@ def test_load_model_for_eval_checkpoint_run_dir_and_export(tmp_path, bundle):
         bundle.model.logit_scale.fill_(2.5)  # a trained value, distinct from a fresh init
     f = _trainer_checkpoint(tmp_path / "run", bundle)
     mc = OmegaConf.create({"name": "unused", "pretrained": None, "config_path": None, "precision": "fp32",
-                          "cache_dir": None, "checkpoint": None})
+                          "cache_dir": None, "checkpoint": None, "text_packing": "auto"})
     for ref in (tmp_path / "run", f):
         mc.checkpoint = str(ref)
         got = load_model_for_eval(mc, work_dir=tmp_path)
@@ -227,7 +227,7 @@ def test_unavailable_weights_fail_clearly(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     mc = OmegaConf.create({"name": "ViT-B-16", "pretrained": "laion2b_s34b_b88k", "config_path": None,
-                          "precision": "fp32", "cache_dir": None, "checkpoint": None})
+                          "text_packing": "auto", "precision": "fp32", "cache_dir": None, "checkpoint": None})
     with pytest.raises(WeightsUnavailableError, match="pre-download"):
         load_model_for_eval(mc)
 
