@@ -8,13 +8,16 @@ batch of synthetic-catalog products, in three ways:
 * ``naive``: seven text fields, one full-context ``encode_text`` pass per field, loss
   ``conf/loss/seven_field.yaml``;
 * ``seven``: the same seven fields through ``gcl.model.FieldEncoder``: identical rows deduplicated across
-  fields and samples, each unique row encoded at its real length (length-bucketed passes).
+  fields and samples, each unique row encoded at its real length, prefix-packed (every distinct prefix
+  computed once, one pass; the default ``text_packing=auto``);
+* ``buckets``: as ``seven`` with ``text_packing=buckets`` (rows grouped into length-bucketed passes).
 
 Steps of the three modes are interleaved and the median of ``--steps`` timed steps after ``--warmup`` is
 reported. On CPU the default clock is the process CPU time with one thread (``--clock cpu --threads 1``):
 on a machine shared with other jobs, wall time mostly measures their load (we saw the same step vary 2x),
 while CPU time measures this step's work. ``--clock wall`` (the default on CUDA, with synchronisation)
-measures elapsed time. Prints last, exactly: ``seven_vs_single=<r> naive_vs_single=<r>``.
+measures elapsed time. Prints ``buckets_vs_single=<r>``, then last, exactly:
+``seven_vs_single=<r> naive_vs_single=<r>``.
 
     python benchmarks/bench_loss_step.py [--batch-size 16] [--steps 5] [--warmup 1] [--clock cpu|wall]
 """
@@ -83,7 +86,8 @@ def main() -> None:
     bundle = build_model(a.model, device=dev)
     model, ctx, pad = bundle.model, bundle.context_length, bundle.pad_id
     model.train()
-    enc = FieldEncoder(model, bundle.real_length, pad, ctx)
+    enc = FieldEncoder(model, bundle.real_length, pad, ctx, text_packing=bundle.text_packing)
+    enc_buckets = FieldEncoder(model, bundle.real_length, pad, ctx, text_packing="buckets")
     size = bundle.preprocess_cfg["size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
 
@@ -112,8 +116,11 @@ def main() -> None:
     def feats_seven():
         return enc({"image": images, "tokens": tokens, "present": meta["present"]}, ["image", *fields])
 
+    def feats_buckets():
+        return enc_buckets({"image": images, "tokens": tokens, "present": meta["present"]}, ["image", *fields])
+
     modes = {"single": (feats_single, single_loss), "naive": (feats_naive, seven_loss),
-             "seven": (feats_seven, seven_loss)}
+             "seven": (feats_seven, seven_loss), "buckets": (feats_buckets, seven_loss)}
 
     def step(name: str) -> tuple[float, float]:
         """One training step; returns (seconds on the chosen clock, wall seconds)."""
@@ -141,15 +148,19 @@ def main() -> None:
     n_rows = sum(t.shape[0] for t in tokens.values())
     with torch.no_grad():
         enc.encode_text_fields(tokens, meta["present"])
+        enc_buckets.encode_text_fields(tokens, meta["present"])
     real_tokens = sum(int((t != pad).sum()) for t in tokens.values())
     print(f"model={a.model} device={dev} threads={a.threads} batch={b} clock={clock} "
-          f"real_length={bundle.real_length}")
+          f"real_length={bundle.real_length} text_packing={enc.text_packing}")
     print(f"text rows: naive {n_rows} x {ctx} tokens; seven {enc.last_unique_rows} unique rows "
-          f"in {enc.last_passes} passes ({real_tokens} non-pad tokens before dedup); single {b} x {ctx}")
+          f"({real_tokens} non-pad tokens before dedup): {enc.last_text_slots} slots in {enc.last_passes} "
+          f"pass(es) prefix-packed, {enc_buckets.last_text_slots} slots in {enc_buckets.last_passes} passes "
+          f"bucketed; single {b} x {ctx}")
     med = {m: statistics.median(v) for m, v in times.items()}
     for m, v in med.items():
         print(f"{m}: median {v:.3f} s/step ({clock}) over {a.steps} steps "
               f"({', '.join(f'{x:.2f}' for x in times[m])})")
+    print(f"buckets_vs_single={med['buckets'] / med['single']:.3f}")
     print(f"seven_vs_single={med['seven'] / med['single']:.3f} naive_vs_single={med['naive'] / med['single']:.3f}")
 
 

@@ -119,10 +119,11 @@ def bench_model(name: str, kind: str, batch_size: int, steps: int, warmup: int, 
                                 fused=device.type == "cuda")
         return bundle, opt
 
-    def gcl_step_fn(bundle, opt, fields, naive=False):
-        """gcl's step; ``naive`` encodes each text field in its own full-context pass (no dedup, no trimming)."""
+    def gcl_step_fn(bundle, opt, fields, naive=False, packing=None):
+        """gcl's step; ``naive`` encodes each text field in its own full-context pass (no dedup, no trimming);
+        ``packing`` overrides the model's verified text packing (``buckets`` to compare with prefix packing)."""
         enc = FieldEncoder(bundle.model, real_length=bundle.real_length, pad_id=bundle.pad_id,
-                           context_length=bundle.context_length)
+                           context_length=bundle.context_length, text_packing=packing or bundle.text_packing)
         loss_fn = build_loss(kind, _terms(fields), duplicates=True)
         batch = _batch(bundle, rows, fields, image_size, device, full_context=naive)
         model = bundle.model
@@ -169,6 +170,7 @@ def bench_model(name: str, kind: str, batch_size: int, steps: int, warmup: int, 
     arms = {"openclip_single": openclip_step_fn(bundle, opt),
             "gcl_single": gcl_step_fn(bundle, opt, ["title"]),
             "gcl_seven": gcl_step_fn(bundle, opt, SEVEN),
+            "gcl_seven_buckets": gcl_step_fn(bundle, opt, SEVEN, packing="buckets"),
             "gcl_seven_naive": gcl_step_fn(bundle, opt, SEVEN, naive=True)}
     for arm, step in arms.items():
         t = _time(step, steps, warmup, device)
@@ -176,6 +178,8 @@ def bench_model(name: str, kind: str, batch_size: int, steps: int, warmup: int, 
         res[arm] = {"step_s": t, "samples_per_s": batch_size / t, "flops_per_step": flops,
                     "mfu": (flops / t / peak) if peak else None}
     res["seven_vs_single_step"] = res["gcl_seven"]["step_s"] / res["gcl_single"]["step_s"]
+    res["text_packing"] = bundle.text_packing
+    res["buckets_vs_packed_step"] = res["gcl_seven_buckets"]["step_s"] / res["gcl_seven"]["step_s"]
     res["gcl_single_vs_openclip"] = res["openclip_single"]["step_s"] / res["gcl_single"]["step_s"]
     del bundle, opt, arms
 
@@ -221,16 +225,17 @@ def main(argv: list[str] | None = None) -> dict:
     def f(x, spec=".1f"):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
-    print(f"{'model':18} {'arm':16} {'samples/s':>10} {'MFU':>6} {'step ms':>8}")
+    print(f"{'model':18} {'arm':18} {'samples/s':>10} {'MFU':>6} {'step ms':>8}")
     for r in results:
-        for arm in ("openclip_single", "gcl_single", "gcl_seven", "gcl_seven_naive"):
+        for arm in ("openclip_single", "gcl_single", "gcl_seven", "gcl_seven_buckets", "gcl_seven_naive"):
             x = r[arm]
-            print(f"{r['model']:18} {arm:16} {f(x['samples_per_s']):>10} {f(x['mfu'], '.2f'):>6} "
+            print(f"{r['model']:18} {arm:18} {f(x['samples_per_s']):>10} {f(x['mfu'], '.2f'):>6} "
                   f"{f(x['step_s'] * 1000):>8}")
         print(f"{r['model']:18} peak mem GiB (seven, bs {r['batch_size']}): no ckpt "
               f"{f(r['seven_gradckpt_False']['peak_mem_gib'], '.2f')}, grad ckpt {f(r['seven_gradckpt_True']['peak_mem_gib'], '.2f')}")
         print(f"{r['model']:18} seven_vs_single={r['seven_vs_single_step']:.3f} "
-              f"gcl_single_vs_openclip={r['gcl_single_vs_openclip']:.3f}")
+              f"gcl_single_vs_openclip={r['gcl_single_vs_openclip']:.3f} text_packing={r['text_packing']} "
+              f"buckets_vs_packed={r['buckets_vs_packed_step']:.3f}")
     return payload
 
 

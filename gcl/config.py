@@ -189,8 +189,6 @@ register()
 # ---------------------------------------------------------------------------------------------- validate
 
 IMAGE = "image"
-KINDS = ("clip", "siglip")
-SCORE_TO_WEIGHT = ("none", "linear", "reciprocal")
 
 
 def _fail(key: str, msg: str) -> None:
@@ -207,38 +205,22 @@ def data_fields(cfg: DictConfig) -> set[str] | None:
 
 
 def validate_loss(loss: DictConfig, provided: set[str] | None) -> None:
-    if loss.kind not in KINDS:
-        _fail("loss.kind", f"{loss.kind!r} is not one of {KINDS}")
-    if not loss.terms:
-        _fail("loss.terms", "at least one term is needed")
-    names = set()
-    for i, t in enumerate(loss.terms):
-        key = f"loss.terms[{i}]"
-        if t.name in names:
-            _fail(f"{key}.name", f"duplicate term name {t.name!r}")
-        names.add(t.name)
-        if t.weight < 0:
-            _fail(f"{key}.weight", f"must be >= 0, got {t.weight}")
-        if t.score_to_weight not in SCORE_TO_WEIGHT:
-            _fail(f"{key}.score_to_weight", f"{t.score_to_weight!r} is not one of {SCORE_TO_WEIGHT}")
-        need = {"linear": "score", "reciprocal": "position"}.get(t.score_to_weight)
-        if need and t.score_field != need:
-            _fail(f"{key}.score_field", f"score_to_weight={t.score_to_weight} weights by {need}; set "
-                  f"score_field: {need} (got {t.score_field!r})")
-        for side in ("left", "right"):
-            s = t[side]
-            if not s.fields:
-                _fail(f"{key}.{side}.fields", "a side needs at least one field")
-            if s.weights and len(s.weights) != len(s.fields):
-                _fail(f"{key}.{side}.weights", f"{len(s.weights)} weights for {len(s.fields)} fields "
-                      f"{list(s.fields)}; give one weight per field or none (equal weights)")
-            if any(w < 0 for w in s.weights):
-                _fail(f"{key}.{side}.weights", "weights must be >= 0")
-            if provided is not None:
-                for f in s.fields:
-                    if f not in provided:
-                        _fail(f"{key}.{side}.fields", f"field {f!r} is not provided by the data "
-                              f"(available: {sorted(provided)}); fix the loss preset or the data")
+    """The loss rules of :func:`gcl.loss.build_loss` (one place; its errors name the config key), plus: every
+    field a term reads must be provided by the data, when that is known before reading it."""
+    from gcl.loss import build_loss
+
+    try:
+        built = build_loss(loss.kind, OmegaConf.to_container(loss.terms, resolve=True), loss.duplicates)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if provided is None:
+        return
+    for i, t in enumerate(built.terms):
+        for side_name, side in (("left", t.left), ("right", t.right)):
+            for f in side.fields:
+                if f not in provided:
+                    _fail(f"loss.terms[{i}].{side_name}.fields", f"field {f!r} is not provided by the data "
+                          f"(available: {sorted(provided)}); fix the loss preset or the data")
 
 
 def validate(cfg: DictConfig) -> None:

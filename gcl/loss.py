@@ -88,6 +88,15 @@ _TERM_KEYS = frozenset({"name", "left", "right", "weight", "score_to_weight", "s
 _SIDE_KEYS = frozenset({"fields", "weights"})
 
 
+class SpecError(ValueError):
+    """A bad term or side setting; ``key`` names it relative to its term or side (``weights``, ``score_field``)
+    so :func:`build_loss` can report the full config key (``loss.terms[0].left.weights``)."""
+
+    def __init__(self, key: str, msg: str) -> None:
+        super().__init__(f"{key}: {msg}")
+        self.key, self.msg = key, msg
+
+
 @dataclass(frozen=True)
 class Side:
     """One side of a term: ``fields`` fused with non-negative ``weights`` (same length, positive sum)."""
@@ -97,17 +106,17 @@ class Side:
 
     def __post_init__(self) -> None:
         if not self.fields:
-            raise ValueError("a side needs at least one field")
+            raise SpecError("fields", "a side needs a non-empty list of field names")
         if len(set(self.fields)) != len(self.fields):
-            raise ValueError(f"fields {list(self.fields)} repeat a field; list each field once")
+            raise SpecError("fields", f"{list(self.fields)} repeat a field; list each field once")
         if len(self.weights) != len(self.fields):
-            raise ValueError(f"{len(self.weights)} weights for {len(self.fields)} fields {list(self.fields)}; "
-                             "give one weight per field (or none for equal weights)")
+            raise SpecError("weights", f"{len(self.weights)} weights for {len(self.fields)} fields "
+                            f"{list(self.fields)}; give one weight per field (or none for equal weights)")
         for w in self.weights:
             if not math.isfinite(w) or w < 0:
-                raise ValueError(f"weights {list(self.weights)} must be finite and >= 0")
+                raise SpecError("weights", f"{list(self.weights)} must be finite and >= 0")
         if sum(self.weights) <= 0:
-            raise ValueError(f"weights {list(self.weights)} sum to 0; give at least one positive weight")
+            raise SpecError("weights", f"{list(self.weights)} sum to 0; give at least one positive weight")
 
     @property
     def text_only(self) -> bool:
@@ -129,19 +138,20 @@ class Term:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"term name must be a non-empty string, got {self.name!r}")
+            raise SpecError("name", f"a term needs a non-empty string name, got {self.name!r}")
         if not math.isfinite(self.weight) or self.weight < 0:
-            raise ValueError(f"term {self.name!r}: weight must be finite and >= 0, got {self.weight}")
+            raise SpecError("weight", f"term {self.name!r}: weight must be finite and >= 0, got {self.weight}")
         if self.score_to_weight not in SCORE_TO_WEIGHT:
-            raise ValueError(f"term {self.name!r}: unknown score_to_weight {self.score_to_weight!r}; "
-                             f"use one of {SCORE_TO_WEIGHT}")
+            raise SpecError("score_to_weight", f"term {self.name!r}: unknown score_to_weight "
+                            f"{self.score_to_weight!r}; use one of {SCORE_TO_WEIGHT}")
         if self.score_field not in SCORE_FIELDS:
-            raise ValueError(f"term {self.name!r}: unknown score_field {self.score_field!r}; use one of {SCORE_FIELDS}")
+            raise SpecError("score_field", f"term {self.name!r}: unknown score_field {self.score_field!r}; use one "
+                            f"of {SCORE_FIELDS}")
         need = _STW_FIELD.get(self.score_to_weight)
         if need is not None and self.score_field != need:
-            raise ValueError(f"term {self.name!r}: score_to_weight={self.score_to_weight!r} needs "
-                             f"score_field={need!r} (linear weights a relevance score, higher = better; "
-                             f"reciprocal weights a 1-based position), got {self.score_field!r}")
+            raise SpecError("score_field", f"term {self.name!r}: score_to_weight={self.score_to_weight!r} needs "
+                            f"score_field={need!r} (linear weights a relevance score, higher = better; "
+                            f"reciprocal weights a 1-based position), got {self.score_field!r}")
 
     @property
     def weighted(self) -> bool:
@@ -224,8 +234,8 @@ def _side_from_dict(raw: object, where: str) -> Side:
         raise ValueError(f"{where}.weights: must be a list of numbers, got {raw.get('weights')!r}") from e
     try:
         return Side(tuple(fields), weights)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
+    except SpecError as e:
+        raise ValueError(f"{where}.{e.key}: {e.msg}") from e
 
 
 def build_loss(kind: str, terms: list[dict], duplicates: bool) -> GCLLoss:
@@ -233,10 +243,13 @@ def build_loss(kind: str, terms: list[dict], duplicates: bool) -> GCLLoss:
 
     Each term is ``{name, left: {fields, weights}, right: {fields, weights}, weight, score_to_weight,
     score_field, normalize_weights}``; ``weights`` may be omitted or empty (equal weights) and the last four
-    keys default to ``1.0, "none", "score", True``. Raises ValueError naming the term and the fix for unknown
+    keys default to ``1.0, "none", "score", True``. Raises ValueError starting with the full config key
+    (``loss.kind``, ``loss.terms[0].left.weights``, ``loss.terms[1].name``, ...) and naming the fix, for unknown
     keys or kinds, unknown ``score_to_weight``, weights/fields length mismatch, negative weights, empty sides,
-    duplicate term names.
+    duplicate term names. ``gcl.config.validate`` runs this before anything is built.
     """
+    if kind not in KINDS:
+        raise ValueError(f"loss.kind: unknown loss kind {kind!r}; use one of {KINDS}")
     if not isinstance(terms, Sequence) or isinstance(terms, str) or not terms:
         raise ValueError(f"loss.terms: need a non-empty list of terms, got {terms!r}")
     built: list[Term] = []
@@ -244,7 +257,6 @@ def build_loss(kind: str, terms: list[dict], duplicates: bool) -> GCLLoss:
         where = f"loss.terms[{i}]"
         if not isinstance(raw, Mapping):
             raise ValueError(f"{where}: expected a mapping, got {raw!r}")
-        where = f"loss.terms[{i}] ({raw.get('name', '?')})"
         unknown = set(raw) - _TERM_KEYS
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_TERM_KEYS)}")
@@ -263,8 +275,10 @@ def build_loss(kind: str, terms: list[dict], duplicates: bool) -> GCLLoss:
             raise ValueError(f"{where}.normalize_weights: must be true or false, got {options['normalize_weights']!r}")
         try:
             built.append(Term(name=raw["name"], left=left, right=right, **options))
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from e
+        except SpecError as e:
+            raise ValueError(f"{where}.{e.key}: {e.msg}") from e
+        if raw["name"] in [t.name for t in built[:-1]]:
+            raise ValueError(f"{where}.name: duplicate term name {raw['name']!r}; give each term a unique name")
     return GCLLoss(built, kind=kind, duplicates=duplicates)
 
 

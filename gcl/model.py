@@ -546,7 +546,8 @@ def _greedy_fill(lengths: list[int], lcp: list[int], capacity: int) -> tuple[lis
     return seq, start, shared
 
 
-def plan_prefix_packing(rows: Tensor, lengths: Tensor, width: int, pad_id: int = 0) -> PackPlan:
+def plan_prefix_packing(rows: Tensor, lengths: Tensor, width: int, pad_id: int = 0, heads: int = 1,
+                        max_mask_bytes: int = 1 << 28) -> PackPlan:
     """Pack token rows for a causal text tower so that every distinct prefix is computed once.
 
     Under a causal mask, the hidden state of a token depends only on the tokens before it, so rows that
@@ -559,7 +560,9 @@ def plan_prefix_packing(rows: Tensor, lengths: Tensor, width: int, pad_id: int =
 
     The sequence capacity ``C`` (>= the longest row) is chosen among a few multiples of the longest row to
     minimise ``slots * (1 + C / (6 * width))``: slots are the per-token matmul work (``12 * width**2``
-    multiply-adds per layer), and ``2 * C * width`` is one slot's attention work.
+    multiply-adds per layer), and ``2 * C * width`` is one slot's attention work. Capacities whose additive
+    attention mask (``S * heads * C * C`` floats) would exceed ``max_mask_bytes`` are skipped, except the
+    smallest.
 
     rows: LongTensor[U, W], distinct rows, trailing padding allowed; lengths: LongTensor[U] real lengths
     (pooled position + 1).
@@ -580,7 +583,10 @@ def plan_prefix_packing(rows: Tensor, lengths: Tensor, width: int, pad_id: int =
     best = None
     for c in sorted({depth, *(-(-depth * k // 16) * 8 for k in (3, 4, 6, 8))}):  # 1x, 1.5x, 2x, 3x, 4x
         fill = _greedy_fill(n_list, lcp_list, c)
-        cost = (fill[0][-1] + 1) * c * (1 + c / (6 * width))
+        slots = (fill[0][-1] + 1) * c
+        if best is not None and slots * heads * c * 4 > max_mask_bytes:
+            break
+        cost = slots * (1 + c / (6 * width))
         if best is None or cost < best[0]:
             best = (cost, c, fill)
     _, cap, (seq_l, start_l, shared_l) = best
@@ -762,7 +768,8 @@ class FieldEncoder(nn.Module):
         parts = _native_text(self.model)
         lengths = _pool_positions(uniq, parts.pool_type, parts.eos_id) + 1
         if self.text_packing == "prefix":
-            plan = plan_prefix_packing(uniq, lengths, parts.transformer.width, self.pad_id)
+            plan = plan_prefix_packing(uniq, lengths, parts.transformer.width, self.pad_id,
+                                       heads=parts.transformer.resblocks[0].attn.num_heads)
             self.last_passes, self.last_text_slots = 1, plan.tokens.numel()
             return _forward_packed(parts, plan).float()
         overhead = self.pass_overhead_tokens

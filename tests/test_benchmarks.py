@@ -24,7 +24,7 @@ def test_gpu_benchmark_dry_run(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["dry_run"] is True and len(saved["results"]) == 2
     for r in payload["results"]:
-        for arm in ("openclip_single", "gcl_single", "gcl_seven", "gcl_seven_naive"):
+        for arm in ("openclip_single", "gcl_single", "gcl_seven", "gcl_seven_buckets", "gcl_seven_naive"):
             assert r[arm]["samples_per_s"] > 0 and r[arm]["flops_per_step"] > 0
         # seven text fields cost more FLOPs than one; seven full-context passes without dedup cost the most
         # (strictly more for the causal tower, which gcl runs at real length)
@@ -32,6 +32,9 @@ def test_gpu_benchmark_dry_run(tmp_path, capsys):
         assert flops["gcl_seven_naive"] >= flops["gcl_seven"] > flops["gcl_single"]
         if r["kind"] == "clip":
             assert flops["gcl_seven_naive"] > 1.5 * flops["gcl_seven"]
+            # prefix packing computes shared prefixes once: fewer FLOPs than length buckets
+            assert r["text_packing"] == "prefix"
+            assert r["gcl_seven_buckets"]["flops_per_step"] > flops["gcl_seven"]
     assert "seven_vs_single=" in capsys.readouterr().out
 
 

@@ -45,6 +45,7 @@ def test_wrong_type_names_the_key():
     (["trainer.accum_steps=3", "data.batch_size=8"], "data.batch_size"),
     (["trainer.best_metric=x", "trainer.eval_every=0"], "trainer.best_metric"),
     (["sched=const_cooldown", "trainer.max_steps=10", "sched.cooldown_steps=50"], "sched.cooldown_steps"),
+    (["model.text_packing=packed"], "model.text_packing"),
 ])
 def test_inconsistent_combinations_fail_naming_the_key(overrides, key):
     cfg = compose("train", overrides)

@@ -364,19 +364,24 @@ def test_forward_errors_are_clear():
             f, {k: v for k, v in m.items() if k != "score"}, ls, None)
 
 
-@pytest.mark.parametrize("kind,terms,match", [
-    ("clip", [term("t", ["title"], ["image"], score_to_weight="cubic")], "unknown score_to_weight"),
-    ("clip", [term("t", ["title", "colors"], ["image"], lw=[1.0])], "1 weights for 2 fields"),
-    ("clip", [term("t", ["title"], ["image"], lw=[-1.0])], "must be finite and >= 0"),
-    ("clip", [term("t", ["title"], ["image"], lw=[0.0])], "sum to 0"),
-    ("clip", [term("t", [], ["image"])], "non-empty list"),
-    ("clip", [term("t", ["title"], ["image"]), term("t", ["colors"], ["image"])], "duplicate term names"),
-    ("clip", [term("t", ["title"], ["image"], weight=-1)], "weight must be"),
-    ("clip", [term("t", ["title"], ["image"], score_to_weight="linear", score_field="position")], "needs score_field"),
-    ("clip", [term("t", ["title"], ["image"], score_field="rank")], "unknown score_field"),
-    ("clip", [term("t", ["title"], ["image"], temperature=1)], "unknown keys"),
-    ("clip", [], "non-empty list"),
-    ("softmax", [term("t", ["title"], ["image"])], "unknown loss kind"),
+@pytest.mark.parametrize("kind,terms,match", [  # each error starts with the full config key
+    ("clip", [term("t", ["title"], ["image"], score_to_weight="cubic")],
+     r"^loss\.terms\[0\]\.score_to_weight: .*unknown score_to_weight"),
+    ("clip", [term("t", ["title", "colors"], ["image"], lw=[1.0])],
+     r"^loss\.terms\[0\]\.left\.weights: 1 weights for 2 fields"),
+    ("clip", [term("t", ["title"], ["image"], lw=[-1.0])], r"^loss\.terms\[0\]\.left\.weights: .*finite and >= 0"),
+    ("clip", [term("t", ["title"], ["image"], lw=[0.0])], r"^loss\.terms\[0\]\.left\.weights: .*sum to 0"),
+    ("clip", [term("t", [], ["image"])], r"^loss\.terms\[0\]\.left\.fields: .*non-empty list"),
+    ("clip", [term("t", ["title", "title"], ["image"])], r"^loss\.terms\[0\]\.left\.fields: .*repeat a field"),
+    ("clip", [term("t", ["title"], ["image"]), term("t", ["colors"], ["image"])],
+     r"^loss\.terms\[1\]\.name: duplicate term name 't'"),
+    ("clip", [term("t", ["title"], ["image"], weight=-1)], r"^loss\.terms\[0\]\.weight: .*weight must be"),
+    ("clip", [term("t", ["title"], ["image"], score_to_weight="linear", score_field="position")],
+     r"^loss\.terms\[0\]\.score_field: .*needs score_field"),
+    ("clip", [term("t", ["title"], ["image"], score_field="rank")], r"^loss\.terms\[0\]\.score_field: .*unknown"),
+    ("clip", [term("t", ["title"], ["image"], temperature=1)], r"^loss\.terms\[0\]: unknown keys"),
+    ("clip", [], r"^loss\.terms: need a non-empty list"),
+    ("softmax", [term("t", ["title"], ["image"])], r"^loss\.kind: unknown loss kind"),
 ])
 def test_build_loss_validation(kind, terms, match):
     with pytest.raises(ValueError, match=match):

@@ -246,6 +246,8 @@ def test_prefix_packing_plan_reconstructs_every_row_and_shares_prefixes():
         assert len(trie) <= plan.nodes <= int(lengths.sum())
         if n_seq == 1:
             assert plan.nodes == len(trie), trial  # one sequence: each distinct prefix is one slot
+        # A mask budget too small for any larger capacity keeps sequences at the longest row's length.
+        assert plan_prefix_packing(rows, lengths, width=64, max_mask_bytes=0).tokens.shape[1] == int(lengths.max())
 
 
 def test_prefix_packing_gradients_equal_open_clip_per_row(tiny):
