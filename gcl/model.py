@@ -493,8 +493,8 @@ def _pool_positions(tokens: Tensor, pool_type: str, eos_id: int | None) -> Tenso
     """Index of the pooled token per row (LongTensor[N]); real length = position + 1."""
     if pool_type == "argmax":
         return tokens.argmax(dim=1)
-    hit = tokens == eos_id
-    return torch.where(hit.any(dim=1), hit.int().argmax(dim=1), torch.full_like(tokens[:, 0], tokens.shape[1] - 1))
+    # First EOS; a row without one pools position 0, as open_clip's text_global_pool(..., "eos") does.
+    return (tokens == eos_id).int().argmax(dim=1)
 
 
 def _forward_native(parts: _NativeText, tokens: Tensor, embedded: Tensor | None = None) -> Tensor:
@@ -704,13 +704,15 @@ class FieldEncoder(nn.Module):
       prefixes computed once. ``"buckets"`` groups rows by length into at most ``max_passes`` padded passes
       (see :func:`plan_length_buckets`; ``pass_overhead_tokens`` defaults to ``PASS_OVERHEAD_TOKENS`` of the
       model's device type). ``"auto"`` is prefix packing when every text block takes a per-sequence mask
-      (open_clip's ``ResidualAttentionBlock``), else buckets;
+      (open_clip's ``ResidualAttentionBlock``), else buckets. A packed pass whose attention mask
+      (``S * heads * C * C`` floats) would exceed ``max_mask_bytes`` (256 MiB) is split in two;
     * ``real_length=False`` (SigLIP-like towers): rows are padded with ``pad_id`` back to ``context_length``
       and encoded by ``model.encode_text`` in one pass, exactly as the model was trained.
     """
 
     def __init__(self, model: nn.Module, real_length: bool, pad_id: int, context_length: int,
-                 max_passes: int = 8, pass_overhead_tokens: int | None = None, text_packing: str = "auto") -> None:
+                 max_passes: int = 8, pass_overhead_tokens: int | None = None, text_packing: str = "auto",
+                 max_mask_bytes: int = 1 << 28) -> None:
         super().__init__()
         self.model = model
         self.real_length = bool(real_length)
@@ -718,6 +720,7 @@ class FieldEncoder(nn.Module):
         self.context_length = int(context_length)
         self.max_passes = max_passes
         self.pass_overhead_tokens = pass_overhead_tokens
+        self.max_mask_bytes = int(max_mask_bytes)
         if text_packing not in TEXT_PACKING:
             raise ValueError(f"text_packing={text_packing!r} is not one of {TEXT_PACKING}")
         parts = _native_text(model)
@@ -768,10 +771,8 @@ class FieldEncoder(nn.Module):
         parts = _native_text(self.model)
         lengths = _pool_positions(uniq, parts.pool_type, parts.eos_id) + 1
         if self.text_packing == "prefix":
-            plan = plan_prefix_packing(uniq, lengths, parts.transformer.width, self.pad_id,
-                                       heads=parts.transformer.resblocks[0].attn.num_heads)
-            self.last_passes, self.last_text_slots = 1, plan.tokens.numel()
-            return _forward_packed(parts, plan).float()
+            self.last_passes = self.last_text_slots = 0
+            return self._encode_packed(parts, uniq, lengths)
         overhead = self.pass_overhead_tokens
         if overhead is None:
             overhead = PASS_OVERHEAD_TOKENS.get(uniq.device.type, PASS_OVERHEAD_TOKENS["cuda"])
@@ -792,6 +793,20 @@ class FieldEncoder(nn.Module):
         inv = torch.empty_like(order_t)
         inv[order_t] = torch.arange(order_t.numel(), device=order_t.device)
         return torch.cat(outs)[inv]
+
+    def _encode_packed(self, parts: _NativeText, uniq: Tensor, lengths: Tensor) -> Tensor:
+        """Prefix-packed pass(es): rows (sorted, as ``torch.unique`` returns them, so halves keep most shared
+        prefixes) are split in halves while one pass's attention mask would exceed ``max_mask_bytes``."""
+        heads = parts.transformer.resblocks[0].attn.num_heads
+        plan = plan_prefix_packing(uniq, lengths, parts.transformer.width, self.pad_id, heads=heads,
+                                   max_mask_bytes=self.max_mask_bytes)
+        if plan.allowed.numel() * heads * 4 > self.max_mask_bytes and uniq.shape[0] > 1:
+            h = uniq.shape[0] // 2
+            return torch.cat([self._encode_packed(parts, uniq[:h], lengths[:h]),
+                              self._encode_packed(parts, uniq[h:], lengths[h:])])
+        self.last_passes += 1
+        self.last_text_slots += plan.tokens.numel()
+        return _forward_packed(parts, plan).float()
 
     def _zero_rows(self, batch_size: int, device: torch.device) -> Tensor:
         if self._embed_dim is None:

@@ -261,6 +261,11 @@ def test_prefix_packing_gradients_equal_open_clip_per_row(tiny):
     assert enc.last_text_slots < int((rows.argmax(1) + 1).sum())
     ref = tiny.model.encode_text(full_context(rows, 77, 0))
     assert (got - ref).abs().max().item() <= 1e-5
+    # A tiny mask budget splits the rows into several packed passes; the features stay the same.
+    split = tiny.field_encoder(text_packing="prefix", max_mask_bytes=4 * 64 * 64 * 4)
+    with torch.no_grad():
+        assert (split.encode_tokens(rows) - ref).abs().max().item() <= 1e-5
+    assert split.last_passes > 1
     g_got = torch.autograd.grad((got * w).sum(), params, allow_unused=True)
     g_ref = torch.autograd.grad((ref * w).sum(), params, allow_unused=True)
     for (name, _), a, b in zip([x for x in tiny.model.named_parameters() if x[1].requires_grad], g_got, g_ref):
@@ -268,6 +273,20 @@ def test_prefix_packing_gradients_equal_open_clip_per_row(tiny):
             assert a is None or not a.abs().max(), name
         else:
             assert (a - b).abs().max() <= 1e-5 * b.abs().max() + 1e-7, name
+
+
+@pytest.mark.parametrize("packing", ["prefix", "buckets"])
+def test_eos_pooled_tower_rows_without_eos_match_open_clip(packing):
+    """EOS pooling (open_clip's *-worldwide towers): a row without the EOS token pools position 0 in
+    open_clip; the real-length encoder must agree (and not depend on the batch's padded width)."""
+    torch.manual_seed(0)
+    m = copy.deepcopy(build_model("gcl-tiny").model).eval()
+    m.text_pool_type, m.text_eos_id = "eos", 1
+    t = torch.tensor([[5, 7, 9, 1, 0, 0], [5, 7, 9, 11, 13, 15], [5, 7, 0, 0, 0, 0]])
+    with torch.no_grad():
+        ref = m.encode_text(full_context(t, 77, 0))
+        got = FieldEncoder(m, True, 0, 77, text_packing=packing).encode_tokens(t)
+    assert (got - ref).abs().max().item() <= 1e-5
 
 
 def test_text_packing_choice_is_checked(tiny, tiny_siglip):
