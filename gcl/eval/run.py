@@ -26,7 +26,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,35 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
     return out
 
 
+class PeerFailure(RuntimeError):
+    """Raised on every rank together when some rank failed its part of a sharded evaluation."""
+
+
+def _gather_checked(work: Callable[[], Any], world_size: int, rank: int, abort: str | None = None) -> list[Any]:
+    """Run this rank's ``work()`` and all-gather the results, failing on every rank if any rank failed.
+
+    A rank that raises (or arrives with ``abort``, an earlier failure of its own) still joins the gather,
+    sending its error instead of a result, so no rank is left waiting in a collective that never completes.
+    """
+    if world_size <= 1 or _dist() is None:
+        if abort is not None:
+            raise RuntimeError(abort)
+        return [work()]
+    if abort is not None:
+        payload: tuple[str, Any] = ("error", f"rank {rank}: {abort}")
+    else:
+        try:
+            payload = ("ok", work())
+        except Exception as exn:  # noqa: BLE001 - reported to every rank below
+            log.exception("evaluation failed on rank %d", rank)
+            payload = ("error", f"rank {rank}: {type(exn).__name__}: {exn}")
+    parts = _gather(payload, world_size)
+    errors = [p[1] for p in parts if p[0] == "error"]
+    if errors:
+        raise PeerFailure("sharded evaluation failed: " + "; ".join(errors))
+    return [p[1] for p in parts]
+
+
 def _broadcast(obj: Any, world_size: int) -> Any:
     dist = _dist()
     if world_size <= 1 or dist is None:
@@ -175,37 +204,12 @@ class _ShardDocs:
         self.urls = list(urls)
 
     def load(self, emb: Embedder, needs: _Needs, *, image_transform: Any, num_workers: int, list_sep: str,
-             max_docs: int, rank: int, world_size: int, sharded: bool) -> T.DocSet | None:
-        from gcl.data.stream import build_eval_loader
-
+             max_docs: int, rank: int, world_size: int, sharded: bool, abort: str | None = None) -> T.DocSet | None:
         text_fields = sorted(needs.meta) or ["title"]  # the loader needs >= 1 text field
-        loader = build_eval_loader(
-            self.urls if len(self.urls) > 1 else self.urls[0], tokenizer=emb.tokenizer,
-            context_length={f: emb.context_length(f) for f in text_fields}, image_transform=image_transform,
-            batch_size=emb.batch_size, fields=text_fields, num_workers=num_workers,
-            rank=rank if sharded else 0, world_size=world_size if sharded else 1, list_sep=list_sep)
         embed = sorted(needs.embed)
-        keys: list[str] = []
-        items: list[str] = []
-        meta: dict[str, list[str | None]] = {f: [] for f in text_fields}
-        feats: dict[str, list[torch.Tensor]] = {f: [] for f in embed}
-        pres: dict[str, list[torch.Tensor]] = {f: [] for f in embed}
-        for batch in loader:
-            out = emb.batch(batch, embed)
-            for f in embed:
-                feats[f].append(out[f])
-                pres[f].append(batch["present"][f].cpu())
-            keys += batch["key"]
-            items += [str(int(x)) for x in batch["item_id"]]
-            for f in text_fields:
-                meta[f] += batch["text"][f]
-            if max_docs and not sharded and len(keys) >= max_docs:
-                break
-        if loader.skipped:
-            log.warning("eval shards %s: skipped samples %s", self.urls, loader.skipped)
-        local = (keys, items, meta, {f: torch.cat(v) if v else torch.zeros(0) for f, v in feats.items()},
-                 {f: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for f, v in pres.items()})
-        parts = _gather(local, world_size if sharded else 1)
+        parts = _gather_checked(lambda: self._local(emb, text_fields, embed, image_transform, num_workers, list_sep,
+                                                    max_docs, rank, world_size, sharded),
+                                world_size if sharded else 1, rank, abort)
         if rank != 0 and sharded:
             return None
         keys = [k for p in parts for k in p[0]]
@@ -225,6 +229,37 @@ class _ShardDocs:
                         meta={f: [v[i] for i in order] for f, v in meta.items()},
                         emb={f: v[idx] if v.numel() else v for f, v in cat.items()},
                         present={f: v[idx] for f, v in prs.items()})
+
+    def _local(self, emb: Embedder, text_fields: list[str], embed: list[str], image_transform: Any, num_workers: int,
+               list_sep: str, max_docs: int, rank: int, world_size: int, sharded: bool) -> tuple:
+        """This rank's documents: (keys, item ids, meta fields, embeddings, present masks)."""
+        from gcl.data.stream import build_eval_loader
+
+        loader = build_eval_loader(
+            self.urls if len(self.urls) > 1 else self.urls[0], tokenizer=emb.tokenizer,
+            context_length={f: emb.context_length(f) for f in text_fields}, image_transform=image_transform,
+            batch_size=emb.batch_size, fields=text_fields, num_workers=num_workers,
+            rank=rank if sharded else 0, world_size=world_size if sharded else 1, list_sep=list_sep)
+        keys: list[str] = []
+        items: list[str] = []
+        meta: dict[str, list[str | None]] = {f: [] for f in text_fields}
+        feats: dict[str, list[torch.Tensor]] = {f: [] for f in embed}
+        pres: dict[str, list[torch.Tensor]] = {f: [] for f in embed}
+        for batch in loader:
+            out = emb.batch(batch, embed)
+            for f in embed:
+                feats[f].append(out[f])
+                pres[f].append(batch["present"][f].cpu())
+            keys += batch["key"]
+            items += [str(int(x)) for x in batch["item_id"]]
+            for f in text_fields:
+                meta[f] += batch["text"][f]
+            if max_docs and not sharded and len(keys) >= max_docs:
+                break
+        if loader.skipped:
+            log.warning("eval shards %s: skipped samples %s", self.urls, loader.skipped)
+        return (keys, items, meta, {f: torch.cat(v) if v else torch.zeros(0) for f, v in feats.items()},
+                {f: torch.cat(v) if v else torch.zeros(0, dtype=torch.bool) for f, v in pres.items()})
 
     def images(self, ids: Sequence[str]) -> list[Image.Image | None]:
         """Original images of some sample keys (local shards only; None otherwise), for the gallery."""
@@ -255,35 +290,21 @@ class _TableDocs:
         self.reader: T.TableReader | None = None
 
     def load(self, emb: Embedder, needs: _Needs, *, image_transform: Any, num_workers: int, list_sep: str,
-             max_docs: int, rank: int, world_size: int, sharded: bool) -> T.DocSet | None:
-        meta_fields = sorted(needs.meta)
-        reader = T.TableReader(self.spec, meta_fields, list_sep=list_sep, optional=(T.ITEM_ID,))
-        self.reader = reader
+             max_docs: int, rank: int, world_size: int, sharded: bool, abort: str | None = None) -> T.DocSet | None:
+        with_images = IMAGE in needs.embed
+        if sharded and not with_images and rank != 0:
+            return None  # rank 0 reads the table and embeds its texts alone
+        gathered = _gather_checked(
+            lambda: self._local(emb, needs, image_transform, num_workers, list_sep, rank, world_size, sharded),
+            world_size if sharded and with_images else 1, rank, abort)
+        if rank != 0 and sharded:
+            return None
+        reader = self.reader
+        assert reader is not None
         n = reader.n
         parts_emb: dict[str, torch.Tensor] = {}
         parts_present: dict[str, torch.Tensor] = {}
-        if IMAGE in needs.embed:
-            if self.spec.image_column is None:
-                raise T.EvalConfigError(f"table {self.spec.location[0]!r}: a task embeds images but the task has no "
-                                        "image_column; set it to the column holding image bytes or paths")
-            mine = [j for j in range(n) if not (sharded and world_size > 1) or j % world_size == rank]
-            doc_of_row = {reader.doc_rows[j]: j for j in mine}
-            ds = T.ImageDataset(reader, image_transform, set(doc_of_row))
-            loader = torch.utils.data.DataLoader(ds, batch_size=emb.batch_size, num_workers=num_workers,
-                                                 collate_fn=T.collate_images)
-            idx_all, feats, bad = [], [], []
-            for b in loader:
-                bad += [(doc_of_row[r], e) for r, e in b["bad"]]
-                if b["image"] is None:
-                    continue
-                batch = {"image": b["image"], "tokens": {}, "present": {IMAGE: torch.ones(len(b["index"]),
-                                                                                          dtype=torch.bool)}}
-                feats.append(emb.batch(batch, [IMAGE])[IMAGE])
-                idx_all += [doc_of_row[r] for r in b["index"]]
-            gathered = _gather((idx_all, torch.cat(feats) if feats else torch.zeros(0), bad),
-                               world_size if sharded else 1)
-            if rank != 0 and sharded:
-                return None
+        if with_images:
             idx_all = [i for g in gathered for i in g[0]]
             bad = [x for g in gathered for x in g[2]]
             if bad:
@@ -299,13 +320,38 @@ class _TableDocs:
             present = torch.zeros(n, dtype=torch.bool)
             present[torch.tensor(idx_all, dtype=torch.long)] = True
             parts_emb[IMAGE], parts_present[IMAGE] = img, present
-        elif rank != 0 and sharded:
-            return None
         for f in sorted(needs.embed - {IMAGE}):
             parts_emb[f], parts_present[f] = emb.optional_strings(reader.meta[f], f)
         return T.DocSet(ids=reader.ids, item_ids=reader.item_ids(), meta=dict(reader.meta), emb=parts_emb,
                         present=parts_present, rows_meta=reader.rows_meta if reader.deduped else None,
                         row_doc=reader.row_doc)
+
+    def _local(self, emb: Embedder, needs: _Needs, image_transform: Any, num_workers: int, list_sep: str, rank: int,
+               world_size: int, sharded: bool) -> tuple | None:
+        """Read the table (into ``self.reader``) and embed this rank's share of its images:
+        (document indices, features, unreadable (document, error) pairs); None when no task embeds images."""
+        reader = T.TableReader(self.spec, sorted(needs.meta), list_sep=list_sep, optional=(T.ITEM_ID,))
+        self.reader = reader
+        if IMAGE not in needs.embed:
+            return None
+        if self.spec.image_column is None:
+            raise T.EvalConfigError(f"table {self.spec.location[0]!r}: a task embeds images but the task has no "
+                                    "image_column; set it to the column holding image bytes or paths")
+        mine = [j for j in range(reader.n) if not (sharded and world_size > 1) or j % world_size == rank]
+        doc_of_row = {reader.doc_rows[j]: j for j in mine}
+        ds = T.ImageDataset(reader, image_transform, set(doc_of_row))
+        loader = torch.utils.data.DataLoader(ds, batch_size=emb.batch_size, num_workers=num_workers,
+                                             collate_fn=T.collate_images)
+        idx_all, feats, bad = [], [], []
+        for b in loader:
+            bad += [(doc_of_row[r], e) for r, e in b["bad"]]
+            if b["image"] is None:
+                continue
+            batch = {"image": b["image"], "tokens": {}, "present": {IMAGE: torch.ones(len(b["index"]),
+                                                                                      dtype=torch.bool)}}
+            feats.append(emb.batch(batch, [IMAGE])[IMAGE])
+            idx_all += [doc_of_row[r] for r in b["index"]]
+        return idx_all, torch.cat(feats) if feats else torch.zeros(0), bad
 
     def images(self, ids: Sequence[str]) -> list[Image.Image | None]:
         assert self.reader is not None
@@ -457,25 +503,39 @@ class Evaluator:
         order: list[T.SourceSpec] = list(dict.fromkeys(specs.values()))
         per_task: dict[str, dict[str, float]] = {}
         results: dict[str, _TaskResult] = {}
+        # Sharded: rank 0 works on a source after the other ranks have moved on to the next one. If it fails
+        # there, it keeps joining the later gathers with the error (so nobody waits forever), then raises.
+        failed: Exception | None = None
         for spec in order:
             tasks = [t for t in self.tasks if specs[t.name] == spec]
             needs = _source_needs(tasks)
             src: _ShardDocs | _TableDocs = _ShardDocs(spec.location) if spec.kind == "shards" else _TableDocs(spec)
             ts = time.perf_counter()
-            docs = self._load_docs(src, spec, emb, bundle, needs, rank=rank, world_size=world_size, sharded=sharded)
-            if docs is None:  # a non-zero rank in sharded mode: its part is done
-                continue
-            log.info("eval %s: embedded %d documents (%s) in %.1fs", suite, len(docs), ", ".join(sorted(needs.embed)),
-                     time.perf_counter() - ts)
-            pairs = None
-            for t in tasks:
-                if t.relevance.rule == "graded":
-                    ptable = T.resolve_path(t.table, self.cfg.data_root, what=f"task {t.name!r} table",
-                                            hint=t.hf_dataset)
-                    pairs = T.read_table(T.table_files(ptable))
-                res = self._run_task(t, docs, emb, src, pairs if t.relevance.rule == "graded" else None)
-                results[t.name] = res
-                per_task[t.name] = T.add_means(res.metrics, dict(self.cfg.means))
+            try:
+                docs = self._load_docs(src, spec, emb, bundle, needs, rank=rank, world_size=world_size,
+                                       sharded=sharded,
+                                       abort=None if failed is None else f"{type(failed).__name__}: {failed}")
+                if docs is None:  # a non-zero rank in sharded mode: its part is done
+                    continue
+                log.info("eval %s: embedded %d documents (%s) in %.1fs", suite, len(docs),
+                         ", ".join(sorted(needs.embed)), time.perf_counter() - ts)
+                pairs = None
+                for t in tasks:
+                    if t.relevance.rule == "graded":
+                        ptable = T.resolve_path(t.table, self.cfg.data_root, what=f"task {t.name!r} table",
+                                                hint=t.hf_dataset)
+                        pairs = T.read_table(T.table_files(ptable))
+                    res = self._run_task(t, docs, emb, src, pairs if t.relevance.rule == "graded" else None)
+                    results[t.name] = res
+                    per_task[t.name] = T.add_means(res.metrics, dict(self.cfg.means))
+            except PeerFailure:
+                raise  # every rank raises it together
+            except Exception as exn:
+                if not sharded:
+                    raise
+                failed = failed or exn
+        if failed is not None:
+            raise failed
         if rank != 0:
             return None
         flat: dict[str, float] = {}
@@ -494,10 +554,10 @@ class Evaluator:
         return flat
 
     def _load_docs(self, src: Any, spec: T.SourceSpec, emb: Embedder, bundle: Any, needs: _Needs, *, rank: int,
-                   world_size: int, sharded: bool) -> T.DocSet | None:
+                   world_size: int, sharded: bool, abort: str | None = None) -> T.DocSet | None:
         kwargs = dict(image_transform=bundle.preprocess_val, num_workers=int(self.cfg.num_workers),
                       list_sep=self.list_sep, max_docs=spec.max_docs, rank=rank, world_size=world_size,
-                      sharded=sharded)
+                      sharded=sharded, abort=abort)
         key = self._cache_key(spec, needs, emb, bundle) if self.cache is not None and not sharded else None
         if key is not None:
             hit = self.cache.get(key)

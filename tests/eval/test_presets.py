@@ -306,3 +306,71 @@ def test_two_ranks_rank0_and_sharded_match_single_process(tmp_path):
         assert r0[mode] == r1[mode], f"{mode}: ranks disagree"
         assert r0[mode] == pytest.approx(single, abs=1e-6), mode
     assert (tmp_path / "True" / "metrics.json").is_file()
+
+
+_DIST_FAIL_WORKER = r'''
+import json, sys
+import torch, torch.distributed as dist
+from omegaconf import OmegaConf
+from gcl.eval import run as R
+from gcl.eval.schema import EvalConfig
+from gcl.model import build_model
+
+cfg_file, splits_file, out_dir, where = sys.argv[1:5]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.set_num_threads(1)
+b = build_model("gcl-tiny")
+if where == "rank1_local":  # a non-zero rank fails embedding its share of the shards
+    orig = R._ShardDocs._local
+    def local(self, *a, **k):
+        if rank == 1:
+            raise OSError("disk gone on rank 1")
+        return orig(self, *a, **k)
+    R._ShardDocs._local = local
+else:  # rank 0 fails scoring the first source, after the others moved on to the next source's gather
+    orig_run = R.Evaluator._run_task
+    def run_task(self, t, *a, **k):
+        if rank == 0 and t.name == "text2image_title":
+            raise ValueError("scoring bug on rank 0")
+        return orig_run(self, t, *a, **k)
+    R.Evaluator._run_task = run_task
+cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(cfg_file), {"sharded": True})
+ev = R.Evaluator(cfg, splits=json.loads(open(splits_file).read()), context_length={"title": 32})
+try:
+    ev(b.field_encoder(), b, rank=rank, world_size=2, device="cpu")
+    msg = "no error"
+except Exception as exn:
+    msg = f"{type(exn).__name__}: {exn}"
+open(f"{out_dir}/rank{rank}.txt", "w").write(msg)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("where, expect", [("rank1_local", "disk gone on rank 1"),
+                                           ("rank0_task", "scoring bug on rank 0")])
+def test_sharded_eval_failure_on_one_rank_fails_every_rank_without_hanging(tmp_path, where, expect):
+    from gcl.data.synthetic import ensure_catalog
+
+    root = ensure_catalog(tmp_path / "cat", products=120, seed=0, image_size=32, per_shard=16)
+    splits = {k: v["pattern"] for k, v in json.loads((root / "catalog.json").read_text())["splits"].items()}
+    fx.build_marqo_fashion(tmp_path / "data", n=12)
+    syn = OmegaConf.load(REPO / "conf" / "eval" / "synthetic.yaml")
+    fashion = OmegaConf.load(REPO / "conf" / "eval" / "marqo_fashion.yaml")
+    cfg = OmegaConf.merge(syn, {  # two sources, both gathered in sharded mode: shards, then a table with images
+        "num_workers": 0, "batch_size": 8, "data_root": str(tmp_path / "data"), "aggregates": [],
+        "tasks": [t for t in syn.tasks if t.name == "text2image_title"]
+        + [t for t in fashion.tasks if t.name == "KAGL/text2image"]})
+    OmegaConf.save(cfg, tmp_path / "eval.yaml")
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    (tmp_path / "worker.py").write_text(_DIST_FAIL_WORKER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "worker.py"), str(tmp_path / "eval.yaml"), str(tmp_path / "splits.json"), str(tmp_path),
+           where]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for rank in (0, 1):
+        msg = (tmp_path / f"rank{rank}.txt").read_text()
+        assert expect in msg, (rank, msg)
