@@ -6,7 +6,10 @@ Defaults live in the YAML files under ``conf/``; the dataclass defaults here onl
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -177,11 +180,25 @@ class EvaluateConfig:
     out_dir: Optional[str] = None  # default: the Hydra run dir
 
 
+def rank_run_dir(path: str) -> str:
+    """``${gcl_rank_dir:PATH}``: PATH on rank 0; on the other ranks of a distributed launch, a throwaway
+    directory under the system temp dir. Ranks may start in different seconds, so a ``${now:...}`` run dir
+    would differ between them and leave empty run dirs beside rank 0's; the trainer uses rank 0's run dir on
+    every rank (an explicit ``hydra.run.dir=...`` is the same on every rank and bypasses this)."""
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    if rank == "0":
+        return path
+    return str(Path(tempfile.gettempdir()) / f"gcl-rank{rank}" / path)
+
+
 def register() -> None:
-    """Register the schemas; the YAML defaults lists name them (``train_schema``, ``evaluate_schema``)."""
+    """Register the schemas (the YAML defaults lists name them: ``train_schema``, ``evaluate_schema``) and the
+    ``gcl_rank_dir`` resolver used by the default Hydra run dirs."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    if not OmegaConf.has_resolver("gcl_rank_dir"):
+        OmegaConf.register_new_resolver("gcl_rank_dir", rank_run_dir)
 
 
 register()

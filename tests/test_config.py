@@ -105,3 +105,19 @@ def test_cli_inconsistent_loss_field_fails_fast(tmp_path):
                         f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "loss.terms[0].left.fields" in r.stderr and "colour" in r.stderr
+
+
+def test_default_run_dir_is_rank0s_and_other_ranks_write_elsewhere(monkeypatch):
+    """Ranks may start in different seconds: only rank 0 gets the ${now:...} run dir under outputs/."""
+    import tempfile
+
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = compose("train", return_hydra_config=True)
+    assert cfg.hydra.run.dir.startswith("outputs/")
+    monkeypatch.setenv("RANK", "3")
+    cfg = compose("train", return_hydra_config=True)
+    assert cfg.hydra.run.dir.startswith(tempfile.gettempdir()) and "gcl-rank3" in cfg.hydra.run.dir
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert "gcl-rank1" in compose("evaluate", return_hydra_config=True).hydra.run.dir
