@@ -206,6 +206,7 @@ register()
 # ---------------------------------------------------------------------------------------------- validate
 
 IMAGE = "image"
+TEXT_PACKING = ("auto", "prefix", "buckets")  # model.text_packing (see gcl.model.FieldEncoder)
 
 
 def _fail(key: str, msg: str) -> None:
@@ -253,8 +254,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.batch_size % t.accum_steps:
         _fail("data.batch_size", f"{cfg.data.batch_size} must be divisible by trainer.accum_steps="
               f"{t.accum_steps} (data.batch_size is the per-rank batch of one optimizer step)")
-    if cfg.model.text_packing not in ("auto", "prefix", "buckets"):
-        _fail("model.text_packing", f"{cfg.model.text_packing!r} is not one of auto, prefix, buckets")
+    if cfg.model.text_packing not in TEXT_PACKING:
+        _fail("model.text_packing", f"{cfg.model.text_packing!r} is not one of {', '.join(TEXT_PACKING)}")
     if t.device not in ("auto", "cpu", "cuda"):
         _fail("trainer.device", f"{t.device!r} is not one of auto, cpu, cuda")
     if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):

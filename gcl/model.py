@@ -35,6 +35,8 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import ResidualAttentionBlock, TextTransformer, text_global_pool
 from torch import Tensor, nn
 
+from gcl.config import TEXT_PACKING
+
 log = logging.getLogger(__name__)
 
 IMAGE = "image"
@@ -52,7 +54,6 @@ _PROBE_TEXTS = (
     "red cotton midi dress",
     "black leather belt",
 )
-TEXT_PACKING = ("auto", "prefix", "buckets")
 _REACH_TIMEOUT_S = 3.0
 
 # Names whose config gcl registered (package configs and config_path files). They get open_clip's default
@@ -628,11 +629,10 @@ def _packable(parts: _NativeText) -> bool:
                                 and not hasattr(b, "ln_1_kv") for b in blocks)
 
 
-def _forward_packed(parts: _NativeText, plan: PackPlan, embedded: Tensor | None = None) -> Tensor:
+def _forward_packed(parts: _NativeText, plan: PackPlan) -> Tensor:
     """Text tower forward over a :class:`PackPlan` -> FloatTensor[U, D], one pooled row per packed row."""
     cast = parts.transformer.get_cast_dtype()
-    if embedded is None:
-        embedded = parts.token_embedding(plan.tokens)
+    embedded = parts.token_embedding(plan.tokens)
     # F.embedding, not indexing: its CPU backward sums repeated positions in a fixed order (indexing's
     # backward uses atomic adds there, so resumed and uninterrupted runs would drift apart by ~1e-6).
     x = embedded.to(cast) + F.embedding(plan.positions, parts.positional_embedding).to(cast)
@@ -778,14 +778,14 @@ class FieldEncoder(nn.Module):
             overhead = PASS_OVERHEAD_TOKENS.get(uniq.device.type, PASS_OVERHEAD_TOKENS["cuda"])
         bounds = plan_length_buckets(lengths, self.max_passes, overhead)
         self.last_passes = len(bounds)
-        self.last_text_slots = sum(int(((lengths > lo) & (lengths <= hi)).sum()) * hi
-                                   for lo, hi in zip([0, *bounds[:-1]], bounds))
+        self.last_text_slots = 0
         # One embedding lookup for all rows: its backward then builds the dense [vocab, width] gradient once
         # instead of once per pass.
         emb = parts.token_embedding(uniq[:, : bounds[-1]])
         outs, order, lo = [], [], 0
         for hi in bounds:
             idx = torch.nonzero((lengths > lo) & (lengths <= hi)).squeeze(1)
+            self.last_text_slots += idx.numel() * hi
             outs.append(_forward_native(parts, uniq[idx, :hi], emb[idx, :hi]).float())
             order.append(idx)
             lo = hi
