@@ -113,14 +113,11 @@ def main() -> None:
     def feats_naive():
         return {"image": model.encode_image(images), **{f: model.encode_text(full[f]) for f in fields}}
 
-    def feats_seven():
-        return enc({"image": images, "tokens": tokens, "present": meta["present"]}, ["image", *fields])
-
-    def feats_buckets():
-        return enc_buckets({"image": images, "tokens": tokens, "present": meta["present"]}, ["image", *fields])
+    def feats_with(encoder):
+        return lambda: encoder({"image": images, "tokens": tokens, "present": meta["present"]}, ["image", *fields])
 
     modes = {"single": (feats_single, single_loss), "naive": (feats_naive, seven_loss),
-             "seven": (feats_seven, seven_loss), "buckets": (feats_buckets, seven_loss)}
+             "seven": (feats_with(enc), seven_loss), "buckets": (feats_with(enc_buckets), seven_loss)}
 
     def step(name: str) -> tuple[float, float]:
         """One training step; returns (seconds on the chosen clock, wall seconds)."""

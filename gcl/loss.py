@@ -248,8 +248,6 @@ def build_loss(kind: str, terms: list[dict], duplicates: bool) -> GCLLoss:
     keys or kinds, unknown ``score_to_weight``, weights/fields length mismatch, negative weights, empty sides,
     duplicate term names. ``gcl.config.validate`` runs this before anything is built.
     """
-    if kind not in KINDS:
-        raise ValueError(f"loss.kind: unknown loss kind {kind!r}; use one of {KINDS}")
     if not isinstance(terms, Sequence) or isinstance(terms, str) or not terms:
         raise ValueError(f"loss.terms: need a non-empty list of terms, got {terms!r}")
     built: list[Term] = []
@@ -277,9 +275,10 @@ def build_loss(kind: str, terms: list[dict], duplicates: bool) -> GCLLoss:
             built.append(Term(name=raw["name"], left=left, right=right, **options))
         except SpecError as e:
             raise ValueError(f"{where}.{e.key}: {e.msg}") from e
-        if raw["name"] in [t.name for t in built[:-1]]:
-            raise ValueError(f"{where}.name: duplicate term name {raw['name']!r}; give each term a unique name")
-    return GCLLoss(built, kind=kind, duplicates=duplicates)
+    try:
+        return GCLLoss(built, kind=kind, duplicates=duplicates)  # kind and unique names are checked there
+    except SpecError as e:
+        raise ValueError(f"loss.{e.key}: {e.msg}") from e
 
 
 class GCLLoss(nn.Module):
@@ -294,13 +293,13 @@ class GCLLoss(nn.Module):
     def __init__(self, terms: Sequence[Term], kind: str = "clip", duplicates: bool = True) -> None:
         super().__init__()
         if kind not in KINDS:
-            raise ValueError(f"unknown loss kind {kind!r}; use one of {KINDS}")
+            raise SpecError("kind", f"unknown loss kind {kind!r}; use one of {KINDS}")
         if not terms:
-            raise ValueError("GCLLoss needs at least one term")
+            raise SpecError("terms", "GCLLoss needs at least one term")
         names = [t.name for t in terms]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate term names {dup}; give each term a unique name")
+        for j, n in enumerate(names):
+            if n in names[:j]:
+                raise SpecError(f"terms[{j}].name", f"duplicate term name {n!r}; give each term a unique name")
         self.terms: tuple[Term, ...] = tuple(terms)
         self.kind = kind
         self.duplicates = bool(duplicates)

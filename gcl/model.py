@@ -923,25 +923,26 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def verify_real_length(model: nn.Module, tokenizer: Callable, pad_id: int, context_length: int,
-                       text_packing: str = "buckets") -> tuple[bool, float]:
+                       packings: Iterable[str] = ("buckets",)) -> dict[str, tuple[bool, float]]:
     """Check empirically that real-length encoding equals open_clip's full-context ``encode_text``.
 
-    Encodes probe strings at full context with the model's own ``encode_text`` and with the real-length
-    encoder (rows trimmed and bucketed, or prefix-packed with ``text_packing="prefix"``). Returns (ok, max
-    abs difference); tolerance 1e-5 in fp32, and 2e-2 x the feature scale for bf16/fp16 towers (different
-    sequence lengths change reduction order).
+    Encodes probe strings at full context with the model's own ``encode_text`` (once) and with the
+    real-length encoder in each of ``packings`` (``buckets``: rows trimmed and bucketed; ``prefix``:
+    prefix-packed). Returns {packing: (ok, max abs difference)}; tolerance 1e-5 in fp32, and 2e-2 x the
+    feature scale for bf16/fp16 towers (different sequence lengths change reduction order).
     """
     full = tokenizer(list(_PROBE_TEXTS), context_length=context_length)
-    device = next(model.parameters()).device
-    full = full.to(device)
-    enc = FieldEncoder(model, True, pad_id, context_length, pass_overhead_tokens=0, text_packing=text_packing)
+    full = full.to(next(model.parameters()).device)
+    cast = _native_text(model).transformer.get_cast_dtype()
+    out = {}
     with torch.no_grad(), _eval_mode(model):
         ref = model.encode_text(full).float()
-        got = enc.encode_tokens(full)
-    diff = float((ref - got).abs().max())
-    cast = _native_text(model).transformer.get_cast_dtype()
-    tol = 1e-5 if cast == torch.float32 else 2e-2 * max(1.0, float(ref.abs().max()))
-    return diff <= tol, diff
+        tol = 1e-5 if cast == torch.float32 else 2e-2 * max(1.0, float(ref.abs().max()))
+        for packing in packings:
+            enc = FieldEncoder(model, True, pad_id, context_length, pass_overhead_tokens=0, text_packing=packing)
+            diff = float((ref - enc.encode_tokens(full)).abs().max())
+            out[packing] = (diff <= tol, diff)
+    return out
 
 
 def build_model(name: str, pretrained: str | None = None, *, config_path: str | None = None,
@@ -1032,12 +1033,15 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
     pad_id = tokenizer_pad_id(tokenizer)
     real_length, packing = False, "buckets"
     if real_length_structure(model):
-        real_length, diff = verify_real_length(model, tokenizer, pad_id, model.context_length)
+        try_prefix = text_packing != "buckets" and _packable(_native_text(model))
+        checks = verify_real_length(model, tokenizer, pad_id, model.context_length,
+                                    ("buckets", "prefix") if try_prefix else ("buckets",))
+        real_length, diff = checks["buckets"]
         if not real_length:
             log.warning("text tower looks causal but real-length encoding differs by %.2e from full context; "
                         "encoding at the fixed context length instead", diff)
-        elif text_packing != "buckets" and _packable(_native_text(model)):
-            ok, diff = verify_real_length(model, tokenizer, pad_id, model.context_length, text_packing="prefix")
+        elif try_prefix:
+            ok, diff = checks["prefix"]
             if ok:
                 packing = "prefix"
             else:
