@@ -37,7 +37,7 @@ class ModelConfig:
     lock_text_freeze_layer_norm: bool = True
     grad_checkpointing: bool = False
     compile: bool = False
-    text_packing: str = "auto"  # auto | prefix | buckets: how real-length text rows are batched (gcl.model)
+    text_packing: str = "auto"  # auto | prefix | buckets: how real-length text rows are batched (gcl.model.encoder)
     logit_bias_init: Optional[float] = None  # sigmoid loss on a model without logit_bias: init value
     cache_dir: Optional[str] = None
 
