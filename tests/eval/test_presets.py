@@ -313,6 +313,7 @@ import json, sys
 import torch, torch.distributed as dist
 from omegaconf import OmegaConf
 from gcl.eval import run as R
+from gcl.eval import sources as S
 from gcl.eval.schema import EvalConfig
 from gcl.model import build_model
 
@@ -322,12 +323,12 @@ rank = dist.get_rank()
 torch.set_num_threads(1)
 b = build_model("gcl-tiny")
 if where == "rank1_local":  # a non-zero rank fails embedding its share of the shards
-    orig = R._ShardDocs._local
+    orig = S.ShardDocs._local
     def local(self, *a, **k):
         if rank == 1:
             raise OSError("disk gone on rank 1")
         return orig(self, *a, **k)
-    R._ShardDocs._local = local
+    S.ShardDocs._local = local
 else:  # rank 0 fails scoring the first source, after the others moved on to the next source's gather
     orig_run = R.Evaluator._run_task
     def run_task(self, t, *a, **k):
