@@ -5,6 +5,11 @@ backward, optimizer step) -> :class:`gcl.loss.GCLLoss`.
 
 Distributed runs (``torchrun`` / ``accelerate launch``) use accelerate for process-group setup, device placement,
 mixed precision and DDP. Only rank 0 writes logs, checkpoints and exports.
+
+Lives here: the ``Trainer`` (its build steps, checkpoint state and resume, the step, in-loop eval, the loop,
+logging) and ``run``. Not here: collectives (``gcl.distributed``), SLURM env and stop signals
+(``gcl.launch``), the model (``gcl.model``), the loss (``gcl.loss``), data (``gcl.data``), evaluation
+(``gcl.eval.run``), checkpoint files (``gcl.checkpoint``), export (``gcl.export``).
 """
 from __future__ import annotations
 
@@ -12,19 +17,19 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from gcl import config as gcl_config
 from gcl.checkpoint import CheckpointManager, find_checkpoint, load_checkpoint, rng_state, set_rng_state
+from gcl.distributed import all_reduce_sum, gather_objects
+from gcl.launch import StopSignal, slurm_to_torch_env
 from gcl.log import RunLogger, Throughput, console_logging
 
 log = logging.getLogger(__name__)
@@ -86,71 +91,34 @@ class _RngReplay:
             yield
 
 
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    if dist.is_available() and dist.is_initialized():
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-class _StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits cleanly.
-
-    A second SIGINT falls back to the default handler (immediate KeyboardInterrupt)."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._old: dict[int, Any] = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(sig, old)
-
-
-def slurm_to_torch_env(env: dict[str, str] | None = None) -> None:
-    """Under ``srun`` (one task per GPU, e.g. Hydra's submitit launcher) map SLURM's task variables to the
-    ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` that torch.distributed and accelerate read. torchrun's own variables
-    win when present. ``MASTER_ADDR``/``MASTER_PORT`` come from the launcher's setup lines."""
-    env = os.environ if env is None else env
-    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
-        return
-    env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
-    env.setdefault("MASTER_PORT", "29500")
-
-
 class Trainer:
     """Builds everything from a validated cfg, then :meth:`fit` runs the loop."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        # Order matters: the seed is set before the model is built (weight init draws random numbers), and
+        # each step reads what the ones before it built (the accelerator's device, the loss's fields, splits).
+        self.cfg = cfg
+        self._build_accelerator(run_dir)
+        encoder = self._build_model_and_loss()
+        self._build_optimizer(encoder)
+        self._build_data()
+        self._build_evaluator()
+        self._export_preflight()
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.trainer.keep_last)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.best: float | None = None
+        self.last_eval: dict[str, float] = {}
+        self._resume()
+
+    # ------------------------------------------------------------------------------------------- build
+    def _build_accelerator(self, run_dir: Path) -> None:
+        """Device, mixed precision and process group (accelerate); rank, run dir, seed, determinism."""
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from gcl.data.stream import build_train_stream
-        from gcl.loss import build_loss
-        from gcl.model import build_model
-        from gcl.optim import build_optimizer, build_scheduler
-
-        self.cfg = cfg
-        t = cfg.trainer
+        t = self.cfg.trainer
         slurm_to_torch_env()
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -164,11 +132,18 @@ class Trainer:
         acc = self.accelerator
         self.rank, self.world_size = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
-        self.run_dir = Path(_gather_objects(str(run_dir))[0])  # rank 0's Hydra dir for every rank
+        # rank 0's Hydra dir for every rank
+        self.run_dir = Path(gather_objects(str(run_dir), self.world_size)[0])
         set_seed(t.seed, device_specific=True)
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
+    def _build_model_and_loss(self) -> nn.Module:
+        """The loss, the model bundle, the trained fields and the logit-scale ceiling; returns the encoder."""
+        from gcl.loss import build_loss
+        from gcl.model import build_model
+
+        cfg, acc = self.cfg, self.accelerator
         m = cfg.model
         self.loss_fn = build_loss(cfg.loss.kind, OmegaConf.to_container(cfg.loss.terms, resolve=True),
                                   cfg.loss.duplicates)
@@ -193,7 +168,15 @@ class Trainer:
         if cap is not None and init_scale > math.log(cap):
             log.warning("initial logit scale exp(%.3f) exceeds optim.logit_scale_max=%s; clamping at the initial "
                         "value instead", init_scale, cap)
+        return encoder
 
+    def _build_optimizer(self, encoder: nn.Module) -> None:
+        """Optimizer and LR schedule; the forward module (encoder + logit scale/bias) and the optimizer,
+        prepared by accelerate for DDP and mixed precision."""
+        from gcl.optim import build_optimizer, build_scheduler
+
+        cfg, acc, model = self.cfg, self.accelerator, self.model
+        t = cfg.trainer
         o = cfg.optim
         optimizer = build_optimizer(model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
                                     lr_image=o.lr_image, lr_text=o.lr_text, fused=o.fused)
@@ -203,9 +186,14 @@ class Trainer:
                                          cooldown_steps=s.cooldown_steps)
         self.forward_module, self.optimizer = acc.prepare(_Forward(encoder, model, self.fields), optimizer)
 
-        d = cfg.data
+    def _build_data(self) -> None:
+        """The splits and this rank's resumable training stream."""
         from gcl.data import resolve_splits
+        from gcl.data.stream import build_train_stream
 
+        cfg, acc = self.cfg, self.accelerator
+        t = cfg.trainer
+        d = cfg.data
         self.splits = resolve_splits(d)
         ctx = {f: min(d.context_length.get(f, d.default_context_length), self.bundle.context_length)
                for f in self.fields if f != "image"}
@@ -218,30 +206,27 @@ class Trainer:
             shuffle_buffer=d.shuffle_buffer, list_rule=d.list_rule, list_sep=d.list_sep, rank=self.rank,
             world_size=self.world_size, pin_memory=acc.device.type == "cuda", prefetch_factor=d.prefetch_factor)
 
+    def _build_evaluator(self) -> None:
+        """The in-loop evaluator, or None when no eval task is configured or nothing would use it."""
+        cfg, t = self.cfg, self.cfg.trainer
         self.evaluator = None
         if cfg.eval.tasks and (t.eval_every > 0 or t.best_metric):
             from gcl.eval.run import build_evaluator
 
-            self.evaluator = build_evaluator(cfg.eval, splits=self.splits, data_cfg=d)
+            self.evaluator = build_evaluator(cfg.eval, splits=self.splits, data_cfg=cfg.data)
 
+    def _export_preflight(self) -> None:
+        cfg = self.cfg
         if cfg.export.enabled and cfg.export.push_to and self.is_main:
             from gcl.export import hub_preflight
 
             hub_preflight(cfg.export.push_to)  # token/network problems surface now, not after hours of training
 
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=t.keep_last)
-        self.step = 0
-        self.nonfinite_total = 0
-        self.nonfinite_streak = 0
-        self.best: float | None = None
-        self.last_eval: dict[str, float] = {}
-        self._resume()
-
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly; RNG and data position are per rank (gathered)."""
         acc = self.accelerator
-        per_rank = _gather_objects({"rng": rng_state(), "data": self.stream.state_dict()})
+        per_rank = gather_objects({"rng": rng_state(), "data": self.stream.state_dict()}, self.world_size)
         b = self.bundle
         scaler = getattr(acc, "scaler", None)
         return {
@@ -355,7 +340,7 @@ class Trainer:
 
         metrics = {name: v.detach() for name, v in out.items()}
         finite = torch.isfinite(metrics["loss"]).to(torch.float32).reshape(1)
-        all_finite = bool(_all_reduce_sum(finite.clone()).item() == self.world_size)
+        all_finite = bool(all_reduce_sum(finite.clone()).item() == self.world_size)
         grad_clip = self.cfg.optim.grad_clip
         if all_finite:
             params = [p for p in self.model.parameters() if p.requires_grad]
@@ -413,7 +398,7 @@ class Trainer:
             wandb_entity=cfg.logger.wandb.entity, wandb_name=cfg.logger.wandb.name,
             wandb_tags=list(cfg.logger.wandb.tags),
             config=OmegaConf.to_container(cfg, resolve=True) if self.is_main else None)
-        stop = _StopSignal()
+        stop = StopSignal()
         last_loss: float | None = None
         try:
             if self.evaluator is not None and self.step == 0:
@@ -442,7 +427,7 @@ class Trainer:
                     self._log_eval(logger, self.evaluate())
                 if t.save_every and self.step % t.save_every == 0:
                     self.save()
-                if _all_reduce_sum(torch.tensor([float(stop.received is not None)])).item() > 0:
+                if all_reduce_sum(torch.tensor([float(stop.received is not None)])).item() > 0:
                     logger.write(f"received {stop.received or 'a stop signal'}: saving a checkpoint at step "
                                  f"{self.step} and exiting; resume with trainer.resume=auto")
                     self.save()
@@ -466,7 +451,7 @@ class Trainer:
     def _log_step(self, logger: RunLogger, out: dict[str, Tensor], batch: dict[str, Any], rate: float) -> float:
         names = sorted(out)
         vals = torch.stack([out[n].float().reshape(()) for n in names]).cpu()
-        vals = _all_reduce_sum(vals) / self.world_size  # mean over ranks
+        vals = all_reduce_sum(vals) / self.world_size  # mean over ranks
         row: dict[str, Any] = {n: float(v) for n, v in zip(names, vals)}
         row.update(lr=self.scheduler.get_last_lr()[0], logit_scale=float(self.model.logit_scale.detach().exp()),
                    samples_per_s=rate, world_size=self.world_size, nonfinite_total=self.nonfinite_total)
@@ -475,7 +460,7 @@ class Trainer:
         # the stream lists every skip reason (zeros included) in a fixed order, so ranks reduce aligned tensors
         skipped = dict(self.stream.skipped)
         keys = sorted(skipped)
-        tot = _all_reduce_sum(torch.tensor([float(skipped[k]) for k in keys]))
+        tot = all_reduce_sum(torch.tensor([float(skipped[k]) for k in keys]))
         row.update({f"skipped/{k}": int(v) for k, v in zip(keys, tot)})
         row["samples_seen"] = self.step * batch["image"].shape[0] * self.world_size
         logger.log_metrics(row, self.step)
