@@ -17,7 +17,7 @@ def resolve_splits(data: Any) -> dict[str, Any]:
     (``val``/``test`` may be None).
     """
     if data.train_shards is None:
-        from gcl.data.synthetic import ensure_catalog
+        from gcl.data.catalog import ensure_catalog
 
         s = data.synthetic
         root = ensure_catalog(s.cache_dir, products=s.products, seed=s.seed, image_size=s.image_size)

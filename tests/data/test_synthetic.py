@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from gcl.data import synthetic as syn
+from gcl.data.catalog import write as catalog_write
 from gcl.data.schema import TEXT_FIELDS
 
 N = 240
@@ -425,7 +426,7 @@ def test_ensure_catalog_tolerates_losing_the_rename_race(tmp_path: Path, monkeyp
         real(final, *args, **kwargs)
         return real(out_dir, *args, **kwargs)
 
-    monkeypatch.setattr(syn, "generate_catalog", racing)
+    monkeypatch.setattr(catalog_write, "generate_catalog", racing)  # where ensure_catalog looks it up
     root = syn.ensure_catalog(tmp_path, products=10, seed=6, image_size=32)
     assert root == final and (root / "catalog.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [final.name]
