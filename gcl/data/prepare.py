@@ -29,17 +29,18 @@ Each kept row becomes one sample of the shard schema (``gcl.data.schema``): ``<k
   across all input files (header and blank lines not counted).
 * **Splits.** With ``split_column`` each split value gets its own sub-folder ``out_dir/<split>/`` with its
   own shards and ``sizes.json``.
+
+This module is the driver: the options check, the per-row mapping (fields, key, split, required fields;
+run in worker processes too), the ordered worker pool, shard writing, the skip accounting, the report and
+the CLI. Reading the table and its images (formats, rows, columns, cell values, image bytes, decoding)
+lives in ``gcl.data.read``; the tar format in ``gcl.data.shards``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import gzip
-import io
 import json
 import logging
-import math
 import re
 import sys
 import time
@@ -49,18 +50,33 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from gcl.data.read import (  # noqa: F401 - DEFAULT_JPEG_QUALITY: re-exported for existing importers
+    DEFAULT_JPEG_QUALITY,
+    FORMATS,
+    PrepareError,
+    _Bad,
+    _encode_image,
+    _image_bytes,
+    _image_url,
+    _is_missing,
+    _iter_rows,
+    _number_value,
+    _table_columns,
+    _table_files,
+    _text_value,
+    _Unparsable,
+    _url_error,
+)
 from gcl.data.schema import stable_hash
 from gcl.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
-FORMATS: tuple[str, ...] = ("csv", "tsv", "parquet", "jsonl")
 NUMERIC_FIELDS: tuple[str, ...] = ("score", "position")
 # Fields whose string values are split by ``list_sep`` when the caller does not name ``list_fields``:
 # the short categorical ones. Titles and descriptions contain commas and are never split by default.
@@ -76,20 +92,9 @@ REASONS: tuple[str, ...] = (
     "missing_split",  # the split column is empty
     "unparsable_row",  # a JSONL line that is not a JSON object
 )
-DEFAULT_JPEG_QUALITY = 95
-_KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-_EXIF_ORIENTATION = 0x0112
-_PARQUET_BATCH_ROWS = 256  # rows carry image bytes: keep a batch to tens of MB
 _CHUNK_ROWS = 32  # rows per task sent to a worker process
-_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet",
-             ".jsonl": "jsonl", ".ndjson": "jsonl"}
-
-
-class PrepareError(ValueError):
-    """The table or the options cannot be turned into shards; the message names the problem and the fix."""
 
 
 @dataclass
@@ -118,7 +123,8 @@ class PrepareReport:
 
 
 # ---------------------------------------------------------------------------------------------- row logic
-# Everything from here to ``_process_chunk`` runs in worker processes too: plain data in, plain data out.
+# Everything from here to ``_process_chunk`` (and what it calls in gcl.data.read) runs in worker processes
+# too: plain data in, plain data out.
 
 
 @dataclass(frozen=True)
@@ -133,22 +139,6 @@ class _Settings:
     list_sep: str | None
     list_fields: frozenset[str]
     required: tuple[str, ...]
-
-
-class _Bad(Exception):
-    """A bad row: ``reason`` is one of ``REASONS``."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-class _Unparsable:
-    """Stands in for a row the reader could not parse."""
-
-    def __init__(self, detail: str) -> None:
-        self.detail = detail
 
 
 @dataclass
@@ -173,148 +163,12 @@ class _Fatal:
     message: str
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def sanitize_key(raw: str) -> str:
     """Map ``raw`` to a valid sample key: unchanged if already valid, else bad characters -> ``_`` plus
     ``-<8 hex>`` of a stable hash of ``raw`` (so ``a.b`` and ``a_b`` stay distinct)."""
     if raw and not _BAD_KEY_CHARS.search(raw):
         return raw
     return f"{_BAD_KEY_CHARS.sub('_', raw)}-{stable_hash(raw) & 0xFFFFFFFF:08x}"
-
-
-def _text_value(name: str, column: str, value: Any, split_sep: str | None) -> str | list[str] | None:
-    """Normalise one text field value: stripped string, list of non-empty strings, or None (missing)."""
-    if _is_missing(value):
-        return None
-    if isinstance(value, str):
-        if split_sep is not None:
-            items = [part.strip() for part in value.split(split_sep)]
-            return [item for item in items if item] or None
-        return value.strip() or None
-    if isinstance(value, (list, tuple)):
-        items = []
-        for item in value:
-            if _is_missing(item):
-                continue
-            if not isinstance(item, str):
-                raise _Bad("non_string_field", f"field {name!r} (column {column!r}) is a list holding "
-                                               f"{type(item).__name__} {_short(item)}")
-            if item.strip():
-                items.append(item.strip())
-        return items or None
-    if name == "item_id" and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise _Bad("non_string_field",
-               f"field {name!r} (column {column!r}) holds {type(value).__name__} {_short(value)}, not text")
-
-
-def _number_value(name: str, column: str, value: Any) -> int | float | None:
-    """``score`` / ``position``: a finite JSON number, or None when missing."""
-    if _is_missing(value):
-        return None
-    number: int | float
-    if isinstance(value, bool):
-        raise _Bad("bad_number", f"field {name!r} (column {column!r}) holds a boolean {value!r}")
-    if isinstance(value, (int, float)):
-        number = value
-    elif isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return None
-        try:
-            number = int(text)
-        except ValueError:
-            try:
-                number = float(text)
-            except ValueError:
-                raise _Bad("bad_number", f"field {name!r} (column {column!r}) holds {_short(value)}, "
-                                         "not a number") from None
-    else:
-        raise _Bad("bad_number", f"field {name!r} (column {column!r}) holds {type(value).__name__} "
-                                 f"{_short(value)}, not a number")
-    if isinstance(number, float) and math.isnan(number):
-        return None
-    if not math.isfinite(number):
-        raise _Bad("bad_number", f"field {name!r} (column {column!r}) is not finite: {value!r}")
-    return number
-
-
-def _url_error(column: str, value: str) -> str:
-    return (f"image column {column!r} holds a URL ({_short(value, 80)}); gcl.data.prepare never downloads "
-            "images. Download them first (for example with img2dataset or a script of your own), then "
-            "point --image-column at a column of local paths (relative ones are resolved against "
-            "--images-root) or at a column of encoded image bytes.")
-
-
-def _image_bytes(settings: _Settings, value: Any) -> bytes:
-    """Encoded image bytes from a path, bytes or ``{"bytes", "path"}`` value; URLs are caught earlier."""
-    if isinstance(value, dict):
-        data = value.get("bytes")
-        if data:
-            return bytes(data)
-        value = value.get("path")
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        if not value:
-            raise _Bad("missing_image", "the image bytes are empty")
-        return bytes(value)
-    if _is_missing(value) or (isinstance(value, str) and not value.strip()):
-        raise _Bad("missing_image", f"no image in column {settings.image_column!r}")
-    if not isinstance(value, str):
-        raise _Bad("unreadable_image", f"image column {settings.image_column!r} holds "
-                                       f"{type(value).__name__} {_short(value)}: expected a path or bytes")
-    path = Path(value.strip()).expanduser()
-    if not path.is_absolute():
-        path = settings.images_root / path
-    if not path.is_file():
-        raise _Bad("missing_image", f"image file not found: {path}")
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise _Bad("unreadable_image", f"cannot read {path}: {err}") from None
-
-
-def _image_url(value: Any) -> str | None:
-    """The URL when the image value is (or its struct path is) a URL without bytes, else None."""
-    if isinstance(value, dict) and not value.get("bytes"):
-        value = value.get("path")
-    if isinstance(value, str) and _URL.match(value.strip()):
-        return value.strip()
-    return None
-
-
-def _encode_image(data: bytes, resize: int | None, jpeg_quality: int | None) -> tuple[bytes, str, bool]:
-    """Decode ``data`` fully, then keep it or re-encode it. Returns (bytes, extension, re-encoded?)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            # Decode every pixel now: a truncated or corrupt file must fail here, not in a training worker.
-            img.load()
-            fmt = img.format
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-            if resize is None and jpeg_quality is None and fmt in _KEPT_FORMATS and orientation in (0, 1):
-                return data, _KEPT_FORMATS[fmt], False
-            # Loaders decode with plain PIL, which ignores EXIF orientation: bake the rotation in.
-            out = ImageOps.exif_transpose(img)
-            if resize is not None:
-                out.thumbnail((resize, resize), Image.Resampling.BICUBIC)  # keeps aspect, never enlarges
-            if out.mode in ("RGBA", "LA", "PA") or (out.mode == "P" and "transparency" in out.info):
-                # JPEG has no alpha; product cut-outs are meant to sit on white, not on black.
-                rgba = out.convert("RGBA")
-                out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                out.alpha_composite(rgba)
-            out = out.convert("RGB")
-            buf = io.BytesIO()
-            out.save(buf, format="JPEG", quality=jpeg_quality or DEFAULT_JPEG_QUALITY)
-            return buf.getvalue(), "jpg", True
-    except Exception as err:  # any decoder failure on user data is one bad row, not a crash
-        raise _Bad("unreadable_image", f"cannot decode image ({type(err).__name__}: {err})") from None
 
 
 def _process_row(settings: _Settings, index: int, row: dict[str, Any] | _Unparsable
@@ -355,7 +209,7 @@ def _process_row(settings: _Settings, index: int, row: dict[str, Any] | _Unparsa
             if name not in fields:
                 raise _Bad("empty_required", f"required field {name!r} (column {settings.fields[name]!r}) "
                                              "is missing or empty")
-        data = _image_bytes(settings, image_value)
+        data = _image_bytes(settings.image_column, settings.images_root, image_value)
         image, ext, reencoded = _encode_image(data, settings.resize, settings.jpeg_quality)
     except _Bad as bad:
         return _Reject(key, bad.reason, bad.detail)
@@ -364,132 +218,6 @@ def _process_row(settings: _Settings, index: int, row: dict[str, Any] | _Unparsa
 
 def _process_chunk(settings: _Settings, chunk: list[tuple[int, Any]]) -> list[_Sample | _Reject | _Fatal]:
     return [_process_row(settings, index, row) for index, row in chunk]
-
-
-# -------------------------------------------------------------------------------------------- table input
-
-
-def _detect_format(path: Path, input_format: str | None) -> str:
-    if input_format is not None:
-        if input_format not in FORMATS:
-            raise PrepareError(f"input_format {input_format!r} is not one of {FORMATS}")
-        return input_format
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    if suffixes and suffixes[-1] in _SUFFIXES:
-        return _SUFFIXES[suffixes[-1]]
-    raise PrepareError(f"cannot tell the format of {path} from its extension; pass --format "
-                       f"(one of {', '.join(FORMATS)})")
-
-
-def _table_files(table: Path, input_format: str | None) -> tuple[list[Path], str]:
-    """The input files (one file, or every file of the format in a folder, sorted) and their format."""
-    if table.is_dir():
-        files = sorted(p for p in table.iterdir() if p.is_file() and not p.name.startswith("."))
-        if input_format is None:
-            formats = set()
-            for p in files:
-                with contextlib.suppress(PrepareError):
-                    formats.add(_detect_format(p, None))
-            if len(formats) != 1:
-                raise PrepareError(f"folder {table} holds {'no' if not formats else 'several'} table formats "
-                                   f"({sorted(formats)}); pass --format to choose")
-            input_format = formats.pop()
-        fmt = input_format
-        files = [p for p in files if _SUFFIXES.get(_strip_gz(p).suffix.lower()) == fmt]
-        if not files:
-            raise PrepareError(f"no {fmt} files in folder {table}")
-        return files, fmt
-    if not table.is_file():
-        raise PrepareError(f"table {table} does not exist")
-    return [table], _detect_format(table, input_format)
-
-
-def _strip_gz(path: Path) -> Path:
-    return path.with_suffix("") if path.suffix.lower() == ".gz" else path
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would corrupt the first header.
-    if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")  # the caller closes it (with-block)
-
-
-def _csv_rows(path: Path, delimiter: str) -> Iterator[dict[str, Any]]:
-    # Product descriptions can exceed the csv module's default 128 KiB field limit.
-    csv.field_size_limit(2**31 - 1)
-    with _open_text(path) as fh:
-        yield from csv.DictReader(fh, delimiter=delimiter)
-
-
-def _jsonl_rows(path: Path) -> Iterator[dict[str, Any] | _Unparsable]:
-    with _open_text(path) as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield _Unparsable(f"{path.name} line {line_no}: invalid JSON ({err})")
-                continue
-            if not isinstance(row, dict):
-                yield _Unparsable(f"{path.name} line {line_no}: a JSON {type(row).__name__}, not an object")
-                continue
-            yield row
-
-
-def _parquet_rows(path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    # Batches, not read_table: an image table can be far larger than memory.
-    with pq.ParquetFile(path) as pf:
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
-            yield from batch.to_pylist()
-
-
-def _iter_rows(files: list[Path], fmt: str, columns: list[str]) -> Iterator[dict[str, Any] | _Unparsable]:
-    for path in files:
-        if fmt == "parquet":
-            yield from _parquet_rows(path, columns)
-        elif fmt == "jsonl":
-            yield from _jsonl_rows(path)
-        else:
-            yield from _csv_rows(path, "\t" if fmt == "tsv" else ",")
-
-
-def _table_columns(files: list[Path], fmt: str, needed: list[str]) -> int | None:
-    """Check that every needed column exists (raising PrepareError naming it); return the row count if
-    cheap to know (Parquet metadata), else None."""
-    total: int | None = 0 if fmt == "parquet" else None
-    for path in files:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            with pq.ParquetFile(path) as pf:
-                available = list(pf.schema_arrow.names)
-                assert total is not None
-                total += pf.metadata.num_rows
-        elif fmt == "jsonl":
-            # JSONL rows need not share keys: accept a column seen anywhere in the first lines.
-            seen: dict[str, None] = {}
-            for i, row in enumerate(_jsonl_rows(path)):
-                if i >= 1000:
-                    break
-                if isinstance(row, dict):
-                    seen.update(dict.fromkeys(row))
-            if not seen:
-                continue
-            available = list(seen)
-        else:
-            with _open_text(path) as fh:
-                available = next(csv.reader(fh, delimiter="\t" if fmt == "tsv" else ","), [])
-        missing = [c for c in needed if c not in available]
-        if missing:
-            raise PrepareError(f"column(s) {missing} not found in {path}; available columns: {available}. "
-                               "Fix the --field / --image-column / --key-column / --split-column mapping.")
-    return total
 
 
 # ------------------------------------------------------------------------------------------------- output
@@ -604,7 +332,21 @@ def prepare(
     total = _table_columns(files, fmt, needed)
     if total is not None and max_rows is not None:
         total = min(total, max_rows)
+    _clear_outputs(out_dir, overwrite)
 
+    rows = _limited(enumerate(_iter_rows(files, fmt, needed)), max_rows)
+    bar = tqdm(total=total, unit=" rows", desc="prepare", disable=not progress, dynamic_ncols=True)
+    run = _Run(out_dir, per_shard, strict, bar)
+    _write_rows(run, settings, rows, workers, progress, reject_file)
+    report = run.report
+    report.skipped = dict(run.skipped)
+    report.seconds = time.perf_counter() - start
+    _log_summary(report, run.first_detail, reject_file)
+    return report
+
+
+def _clear_outputs(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix with shards already in ``out_dir`` (or delete them with ``overwrite``); create it."""
     existing = _existing_outputs(out_dir)
     if existing and not overwrite:
         raise PrepareError(f"{out_dir} already holds shards ({existing[0]}, ...); pass --overwrite to replace "
@@ -613,70 +355,90 @@ def prepare(
         path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    report = PrepareReport(out_dir=out_dir)
-    skipped: Counter[str] = Counter()
-    first_detail: dict[str, str] = {}
-    writers: dict[str, ShardWriter] = {}
-    seen_keys: set[str] = set()
-    rows = _limited(enumerate(_iter_rows(files, fmt, needed)), max_rows)
-    reject_fh = None
-    bar = tqdm(total=total, unit=" rows", desc="prepare", disable=not progress, dynamic_ncols=True)
+
+class _Run:
+    """One ``prepare`` call while its rows stream through: a shard writer per split, the keys written, the
+    skips per reason (and the first detail of each), the reject file, the progress bar and the report."""
+
+    def __init__(self, out_dir: Path, per_shard: int, strict: bool, bar: Any) -> None:
+        self.out_dir, self.per_shard, self.strict, self.bar = out_dir, per_shard, strict, bar
+        self.report = PrepareReport(out_dir=out_dir)
+        self.skipped: Counter[str] = Counter()
+        self.first_detail: dict[str, str] = {}
+        self.writers: dict[str, ShardWriter] = {}
+        self.seen_keys: set[str] = set()
+        self.reject_fh: IO[str] | None = None
+
+    def take(self, index: int, result: _Sample | _Reject | _Fatal) -> None:
+        """Count row ``index`` and write its sample, or skip it; raise PrepareError on a fatal row."""
+        report = self.report
+        report.rows += 1
+        self.bar.update(1)
+        if isinstance(result, _Fatal):
+            raise PrepareError(result.message)
+        if isinstance(result, _Sample) and result.key in self.seen_keys:
+            result = _Reject(result.key, "duplicate_key", f"key {result.key!r} appeared in an earlier row")
+        if isinstance(result, _Reject):
+            self.skip(index, result)
+            return
+        self.seen_keys.add(result.key)
+        writer = self.writers.get(result.split)
+        if writer is None:
+            writer = self.writers[result.split] = ShardWriter(self.out_dir / result.split, per_shard=self.per_shard)
+        writer.write(result.key, result.image, result.ext, result.fields)
+        report.images_reencoded += result.reencoded
+        if report.rows % 256 == 0:
+            self.bar.set_postfix(written=len(self.seen_keys), skipped=sum(self.skipped.values()), refresh=False)
+
+    def skip(self, index: int, result: _Reject) -> None:
+        """Count, log and (with a reject file) record a bad row; with ``strict`` raise PrepareError instead."""
+        if self.strict:
+            raise PrepareError(f"row {index} (key {result.key!r}): {result.reason}: {result.detail}. "
+                               "Fix the row, or drop --strict to skip and count such rows.")
+        self.skipped[result.reason] += 1
+        self.first_detail.setdefault(result.reason, f"row {index}: {result.detail}")
+        level = logging.WARNING if sum(self.skipped.values()) <= 10 else logging.DEBUG
+        log.log(level, "skipping row %d (key %r): %s: %s", index, result.key, result.reason,
+                result.detail)
+        if self.reject_fh is not None:
+            self.reject_fh.write(json.dumps({"row": index, "key": result.key, "reason": result.reason,
+                                             "detail": result.detail}, ensure_ascii=False) + "\n")
+
+    def finish(self) -> None:
+        """Close every split's last shard and ``sizes.json`` into the report; PrepareError if none was written."""
+        if not self.seen_keys:
+            reasons = ", ".join(f"{r}={n} (e.g. {self.first_detail[r]})" for r, n in self.skipped.items())
+            raise PrepareError(f"no sample written: the table has {self.report.rows} rows"
+                               + (f", all skipped: {reasons}" if reasons else ""))
+        for split, writer in sorted(self.writers.items()):
+            writer.close()
+            self.report.written[split] = writer.total
+            self.report.shards[split] = writer.shard_pattern()
+
+
+def _write_rows(run: _Run, settings: _Settings, rows: Iterator[tuple[int, Any]], workers: int, progress: bool,
+                reject_file: str | Path | None) -> None:
+    """Process every row (in ``workers`` processes) and hand the results to ``run`` in row order. On any
+    failure, every shard written so far is removed; the bar and the reject file are always closed."""
     try:
         if reject_file is not None:
             Path(reject_file).parent.mkdir(parents=True, exist_ok=True)
-            reject_fh = open(reject_file, "w", encoding="utf-8")  # closed in finally
+            run.reject_fh = open(reject_file, "w", encoding="utf-8")  # closed in finally
         # closing(): a raise below must stop the worker pool now, not whenever the generator is collected.
         # logging_redirect_tqdm: skip warnings go above the bar instead of breaking it.
         with contextlib.closing(_results(settings, rows, workers)) as results, \
                 logging_redirect_tqdm() if progress else contextlib.nullcontext():
             for index, result in enumerate(results):
-                report.rows += 1
-                bar.update(1)
-                if isinstance(result, _Fatal):
-                    raise PrepareError(result.message)
-                if isinstance(result, _Sample) and result.key in seen_keys:
-                    result = _Reject(result.key, "duplicate_key", f"key {result.key!r} appeared in an earlier row")
-                if isinstance(result, _Reject):
-                    if strict:
-                        raise PrepareError(f"row {index} (key {result.key!r}): {result.reason}: {result.detail}. "
-                                           "Fix the row, or drop --strict to skip and count such rows.")
-                    skipped[result.reason] += 1
-                    first_detail.setdefault(result.reason, f"row {index}: {result.detail}")
-                    level = logging.WARNING if sum(skipped.values()) <= 10 else logging.DEBUG
-                    log.log(level, "skipping row %d (key %r): %s: %s", index, result.key, result.reason,
-                            result.detail)
-                    if reject_fh is not None:
-                        reject_fh.write(json.dumps({"row": index, "key": result.key, "reason": result.reason,
-                                                    "detail": result.detail}, ensure_ascii=False) + "\n")
-                    continue
-                seen_keys.add(result.key)
-                writer = writers.get(result.split)
-                if writer is None:
-                    writer = writers[result.split] = ShardWriter(out_dir / result.split, per_shard=per_shard)
-                writer.write(result.key, result.image, result.ext, result.fields)
-                report.images_reencoded += result.reencoded
-                if report.rows % 256 == 0:
-                    bar.set_postfix(written=len(seen_keys), skipped=sum(skipped.values()), refresh=False)
-        if not seen_keys:
-            reasons = ", ".join(f"{r}={n} (e.g. {first_detail[r]})" for r, n in skipped.items())
-            raise PrepareError(f"no sample written: the table has {report.rows} rows"
-                               + (f", all skipped: {reasons}" if reasons else ""))
-        for split, writer in sorted(writers.items()):
-            writer.close()
-            report.written[split] = writer.total
-            report.shards[split] = writer.shard_pattern()
+                run.take(index, result)
+        run.finish()
     except BaseException:
-        _discard(writers)
+        _discard(run.writers)
         raise
     finally:
-        bar.set_postfix(written=len(seen_keys), skipped=sum(skipped.values()), refresh=False)
-        bar.close()
-        if reject_fh is not None:
-            reject_fh.close()
-    report.skipped = dict(skipped)
-    report.seconds = time.perf_counter() - start
-    _log_summary(report, first_detail, reject_file)
-    return report
+        run.bar.set_postfix(written=len(run.seen_keys), skipped=sum(run.skipped.values()), refresh=False)
+        run.bar.close()
+        if run.reject_fh is not None:
+            run.reject_fh.close()
 
 
 def _limited(rows: Iterator[tuple[int, Any]], max_rows: int | None) -> Iterator[tuple[int, Any]]:

@@ -172,7 +172,7 @@ def test_parquet_hf_image_struct_with_splits_streams_in_batches(tmp_path: Path, 
 
     monkeypatch.setattr(pq, "read_table", _no_full_read)
     monkeypatch.setattr(pq.ParquetFile, "read", _no_full_read)
-    monkeypatch.setattr("gcl.data.prepare._PARQUET_BATCH_ROWS", 3)
+    monkeypatch.setattr("gcl.data.read._PARQUET_BATCH_ROWS", 3)
 
     report = prepare(path, tmp_path / "out", fields={"title": "title", "categories": "category",
                                                       "item_id": "item_ID"},
