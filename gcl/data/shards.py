@@ -1,16 +1,38 @@
-"""Atomic webdataset shard writing with ``sizes.json``, shared by the synthetic catalog and ``prepare``."""
+"""Webdataset shard files: writing them atomically with ``sizes.json``, naming them (URL patterns), and
+reading one shard's raw samples.
+
+Lives here: ``ShardWriter`` (used by the synthetic catalog and ``prepare``), ``expand_urls`` (brace patterns,
+'::' lists, local folders and globs, ``pipe:`` and object-store URLs -> the list of shard URLs), ``_open_url``
+and ``_iter_shard`` (a shard's raw ``{"__key__", "__url__", ext: bytes}`` samples, damaged parts skipped and
+reported).
+
+Not here: decoding samples and making batches (``gcl.data.batch``), the training stream and the eval loader
+(``gcl.data.stream``, ``gcl.data.eval_loader``), the sample schema (``gcl.data.schema``).
+
+webdataset is imported inside the reading functions only: it imports torch, which the writers (catalog
+worker processes, ``prepare``) do not need.
+"""
 from __future__ import annotations
 
+import glob
 import io
 import json
+import logging
 import os
 import tarfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from gcl.data.schema import IMAGE_EXTS, check_key
 
+# Records keep the logger name they had before shard reading moved here from gcl.data.stream.
+logger = logging.getLogger("gcl.data.stream")
+
+
+# -------------------------------------------------------------------------------------------- writing
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None:
     info = tarfile.TarInfo(name)
@@ -118,3 +140,93 @@ class ShardWriter:
             self._tar.close()
             self._tar = None
             (self.out_dir / (self._name + ".tmp")).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------- URLs and reading
+
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file") and not url.startswith("pipe:")
+
+
+def _expand_one(pattern: str) -> list[str]:
+    """Brace-expand (and for local paths, glob / list a directory / check existence) one pattern."""
+    from webdataset.shardlists import expand_urls as _wds_expand_urls
+
+    out: list[str] = []
+    for url in _wds_expand_urls(pattern):  # splits on '::', expands ${WDS_*} and braces
+        if not _is_local(url):
+            out.append(url)  # pipe:, s3://, gs://, http(s)://...: cannot be checked cheaply
+            continue
+        path = urlparse(url).path if url.startswith("file:") else url
+        if any(c in path for c in "*?["):
+            found = sorted(glob.glob(path))
+        elif os.path.isdir(path):
+            found = sorted(glob.glob(os.path.join(path, "*.tar")))
+        else:
+            found = [path] if os.path.isfile(path) else []
+        if not found:
+            raise FileNotFoundError(
+                f"shard pattern {pattern!r} matches nothing ({path!r} does not exist); "
+                "check the path/brace range, or generate the data first (python -m gcl.data.synthetic)"
+            )
+        out.extend(found)
+    return out
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """All shard URLs of ``urls`` in order: brace patterns (``dir/shard-{000000..000009}.tar``), '::'-joined
+    patterns, local directories (their ``*.tar``), local globs, ``pipe:CMD`` and fsspec URLs (``s3://...``).
+
+    Raises FileNotFoundError naming the pattern when a local path matches nothing, ValueError when empty.
+    """
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    out = [u for p in patterns for u in _expand_one(p)]
+    if not out:
+        raise ValueError(f"no shard URLs in {urls!r}; pass a brace pattern such as 'dir/shard-{{000000..000009}}.tar'")
+    return out
+
+
+def _open_url(url: str) -> Any:
+    """Open a shard for reading: local files and ``pipe:`` / http / gs through webdataset's gopen, other
+    schemes (s3://, az://, hf://, ...) through fsspec (the protocol's package, e.g. s3fs, must be installed)."""
+    from webdataset.gopen import gopen, gopen_schemes
+
+    scheme = urlparse(url).scheme
+    if scheme in ("", "file") or scheme in gopen_schemes:
+        return gopen(url, "rb")
+    import fsspec  # only needed for object stores
+
+    try:
+        return fsspec.open(url, "rb").open()
+    except ImportError as exn:
+        raise ImportError(
+            f"reading {url!r} needs an fsspec backend for {scheme!r} ({exn}); install it (e.g. pip install "
+            f"s3fs / gcsfs / adlfs) or stream it with a pipe: URL such as 'pipe:aws s3 cp {url} -'"
+        ) from exn
+
+
+def _iter_shard(url: str, on_error: Callable[[str, str, BaseException], None]) -> Iterator[dict[str, Any]]:
+    """Raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard, in file order.
+
+    Unreadable shards and broken tar members are reported through ``on_error`` and the rest is skipped,
+    so a damaged shard costs its damaged part only.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def handler(exn: BaseException) -> bool:
+        on_error("shard_error", url, exn)
+        return True  # continue with the next member (or end this shard when the tar stream is broken)
+
+    try:
+        stream = _open_url(url)
+    except Exception as exn:  # noqa: BLE001 - any open failure (missing file, network) is a counted skip
+        on_error("shard_error", url, exn)
+        return
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        yield from group_by_keys(files, handler=handler)
+    finally:
+        try:
+            stream.close()
+        except Exception as exn:  # noqa: BLE001 - a pipe closed early exits by SIGPIPE; nothing was lost
+            logger.debug("closing %s: %r", url, exn)

@@ -23,129 +23,55 @@ round-robin continue where it stopped.
 Bad samples never stop the loader: each is skipped, counted by reason (``SKIP_REASONS``) and logged
 with its key (rate-limited). ``batch["skipped"]`` holds the counts since the same worker's previous
 batch (deltas, so micro-batches and ranks can simply be summed); ``TrainStream.skipped`` holds totals.
+
+This module is that pipeline: the per-source cursors, the mixer, the block shuffle, the training workers
+and ``TrainStream`` with its state, built by ``build_train_stream``. Not here: decoding and collation into the
+batch dict (``gcl.data.batch``), shard URLs and raw shard reading (``gcl.data.shards``), the one-pass eval
+loader (``gcl.data.eval_loader``). ``expand_urls``, ``build_eval_loader``, ``EvalLoader``, ``concat_batches``,
+``pad_id_of``, ``SKIP_REASONS``, ``LIST_RULES`` and ``Batch`` stay importable from here.
 """
 from __future__ import annotations
 
-import glob
-import io
 import json
 import logging
 import math
-import os
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.gopen import gopen, gopen_schemes
-from webdataset.shardlists import expand_urls as _wds_expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gcl.data.schema import IMAGE_EXTS, stable_hash
+from gcl.data.batch import (  # noqa: F401 - LIST_RULES, SKIP_REASONS, concat_batches: re-exported
+    LIST_RULES,
+    SKIP_REASONS,
+    Batch,
+    _all_reasons,
+    _Collator,
+    _Decoder,
+    _from_wire,
+    _Skip,
+    _SkipLog,
+    _to_wire,
+    _validate_text_args,
+    concat_batches,
+    pad_id_of,
+)
+from gcl.data.eval_loader import EvalLoader, build_eval_loader  # noqa: F401 - re-exported
+from gcl.data.schema import stable_hash
+from gcl.data.shards import _iter_shard, expand_urls
 
 logger = logging.getLogger(__name__)
 
-Batch = dict[str, Any]
-SKIP_REASONS: tuple[str, ...] = (
-    "missing_json", "bad_json", "bad_field", "missing_image", "corrupt_image", "transform_error",
-    "shard_error",
-)
-LIST_RULES: tuple[str, ...] = ("join", "sample")
 STATE_VERSION = 1
 # A worker that skips this many samples in a row is reading garbage; stop instead of spinning forever.
 _MAX_CONSECUTIVE_SKIPS = 10_000
 _MIX_CHUNK = 1024  # per-sample source choices are drawn this many at a time (one RNG per chunk)
 # Salts keep the RNG streams of different purposes independent for the same (seed, ...) numbers.
 _SALT_EPOCH, _SALT_RESAMPLE, _SALT_MIX, _SALT_BLOCK, _SALT_SAMPLE = 1, 2, 3, 4, 5
-
-
-# ----------------------------------------------------------------------------------------------- URLs
-
-def _is_local(url: str) -> bool:
-    return urlparse(url).scheme in ("", "file") and not url.startswith("pipe:")
-
-
-def _expand_one(pattern: str) -> list[str]:
-    """Brace-expand (and for local paths, glob / list a directory / check existence) one pattern."""
-    out: list[str] = []
-    for url in _wds_expand_urls(pattern):  # splits on '::', expands ${WDS_*} and braces
-        if not _is_local(url):
-            out.append(url)  # pipe:, s3://, gs://, http(s)://...: cannot be checked cheaply
-            continue
-        path = urlparse(url).path if url.startswith("file:") else url
-        if any(c in path for c in "*?["):
-            found = sorted(glob.glob(path))
-        elif os.path.isdir(path):
-            found = sorted(glob.glob(os.path.join(path, "*.tar")))
-        else:
-            found = [path] if os.path.isfile(path) else []
-        if not found:
-            raise FileNotFoundError(
-                f"shard pattern {pattern!r} matches nothing ({path!r} does not exist); "
-                "check the path/brace range, or generate the data first (python -m gcl.data.synthetic)"
-            )
-        out.extend(found)
-    return out
-
-
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """All shard URLs of ``urls`` in order: brace patterns (``dir/shard-{000000..000009}.tar``), '::'-joined
-    patterns, local directories (their ``*.tar``), local globs, ``pipe:CMD`` and fsspec URLs (``s3://...``).
-
-    Raises FileNotFoundError naming the pattern when a local path matches nothing, ValueError when empty.
-    """
-    patterns = [urls] if isinstance(urls, str) else list(urls)
-    out = [u for p in patterns for u in _expand_one(p)]
-    if not out:
-        raise ValueError(f"no shard URLs in {urls!r}; pass a brace pattern such as 'dir/shard-{{000000..000009}}.tar'")
-    return out
-
-
-def _open_url(url: str) -> Any:
-    """Open a shard for reading: local files and ``pipe:`` / http / gs through webdataset's gopen, other
-    schemes (s3://, az://, hf://, ...) through fsspec (the protocol's package, e.g. s3fs, must be installed)."""
-    scheme = urlparse(url).scheme
-    if scheme in ("", "file") or scheme in gopen_schemes:
-        return gopen(url, "rb")
-    import fsspec  # only needed for object stores
-
-    try:
-        return fsspec.open(url, "rb").open()
-    except ImportError as exn:
-        raise ImportError(
-            f"reading {url!r} needs an fsspec backend for {scheme!r} ({exn}); install it (e.g. pip install "
-            f"s3fs / gcsfs / adlfs) or stream it with a pipe: URL such as 'pipe:aws s3 cp {url} -'"
-        ) from exn
-
-
-def _iter_shard(url: str, on_error: Callable[[str, str, BaseException], None]) -> Iterator[dict[str, Any]]:
-    """Raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard, in file order.
-
-    Unreadable shards and broken tar members are reported through ``on_error`` and the rest is skipped,
-    so a damaged shard costs its damaged part only.
-    """
-    def handler(exn: BaseException) -> bool:
-        on_error("shard_error", url, exn)
-        return True  # continue with the next member (or end this shard when the tar stream is broken)
-
-    try:
-        stream = _open_url(url)
-    except Exception as exn:  # noqa: BLE001 - any open failure (missing file, network) is a counted skip
-        on_error("shard_error", url, exn)
-        return
-    try:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-        yield from group_by_keys(files, handler=handler)
-    finally:
-        try:
-            stream.close()
-        except Exception as exn:  # noqa: BLE001 - a pipe closed early exits by SIGPIPE; nothing was lost
-            logger.debug("closing %s: %r", url, exn)
 
 
 # ----------------------------------------------------------------------------------- raw sample cursors
@@ -262,157 +188,6 @@ def _fresh_position(n_sources: int) -> dict[str, Any]:
             "skipped": {}}
 
 
-# ------------------------------------------------------------------------------------ decode + collate
-
-class _Skip(Exception):
-    """A sample that cannot be used; ``args[0]`` is its reason (one of SKIP_REASONS)."""
-
-
-def _to_text(value: Any, field: str, rule: str, sep: str, rng: random.Random | None) -> str | None:
-    """The final string of a field value; None when missing/empty. Raises _Skip for non-string values."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value.strip() or None
-    if isinstance(value, list):
-        if not all(isinstance(v, str) for v in value):
-            raise _Skip("bad_field", f"field {field!r} is a list with non-string elements")
-        items = [v.strip() for v in value if v.strip()]
-        if not items:
-            return None
-        if rule == "join":
-            return sep.join(items)
-        return items[(rng or random).randrange(len(items))]
-    raise _Skip("bad_field", f"field {field!r} is a {type(value).__name__}, expected a string or list of strings")
-
-
-def _to_float(value: Any, field: str) -> float:
-    if value is None or value == "":
-        return math.nan
-    if isinstance(value, bool):
-        raise _Skip("bad_field", f"field {field!r} is a bool, expected a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise _Skip("bad_field", f"field {field!r}={value!r} is not a number") from None
-
-
-class _Decoder:
-    """Raw sample -> dict(image, text, item_id, score, position, key), or _Skip(reason)."""
-
-    def __init__(self, fields: list[str], image_transform: Callable[[Image.Image], torch.Tensor],
-                 list_rule: str, list_sep: str) -> None:
-        self.fields, self.transform, self.rule, self.sep = fields, image_transform, list_rule, list_sep
-
-    def __call__(self, raw: dict[str, Any], rng: random.Random | None) -> dict[str, Any]:
-        key = raw["__key__"]
-        if "json" not in raw:
-            raise _Skip("missing_json", "no .json member")
-        try:
-            meta = json.loads(raw["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-            raise _Skip("bad_json", str(exn)) from None
-        if not isinstance(meta, dict):
-            raise _Skip("bad_json", f"json is a {type(meta).__name__}, expected an object")
-        # Cheap checks first: a sample that fails them costs no image decode.
-        text = {f: _to_text(meta.get(f), f, self.rule, self.sep, rng) for f in self.fields}
-        item_id = meta.get("item_id")
-        if item_id is not None and not isinstance(item_id, (str, int)):
-            raise _Skip("bad_field", f"item_id is a {type(item_id).__name__}")
-        score, position = _to_float(meta.get("score"), "score"), _to_float(meta.get("position"), "position")
-        ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if ext is None:
-            raise _Skip("missing_image", f"no image member (.{'/.'.join(IMAGE_EXTS)})")
-        try:
-            with Image.open(io.BytesIO(raw[ext])) as im:
-                im.load()  # force the full decode here so truncated files fail now
-                img = im.convert("RGB")
-        except Exception as exn:  # noqa: BLE001 - PIL raises many types for bad bytes
-            raise _Skip("corrupt_image", repr(exn)) from None
-        try:
-            image = self.transform(img)
-        except Exception as exn:  # noqa: BLE001
-            raise _Skip("transform_error", repr(exn)) from None
-        return {"image": image, "text": text, "key": key,
-                "item_id": str(item_id) if item_id not in (None, "") else key,
-                "score": score, "position": position}
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    """Pad token id of an open_clip tokenizer: the HF tokenizer's ``pad_token_id``, else 0 (SimpleTokenizer)."""
-    inner = getattr(tokenizer, "tokenizer", None)
-    pad = getattr(inner, "pad_token_id", None)
-    return int(pad) if pad is not None else 0
-
-
-class _Collator:
-    """Decoded samples -> the batch dict of docs/architecture.md (see ``build_train_stream``)."""
-
-    def __init__(self, tokenizer: Any, context_length: dict[str, int], fields: list[str], trim: bool) -> None:
-        self.tok, self.ctx, self.fields, self.trim = tokenizer, context_length, fields, trim
-        self.pad = pad_id_of(tokenizer)
-
-    def tokens(self, texts: list[str | None], n: int) -> torch.Tensor:
-        """LongTensor[B, L<=n]: rows of missing texts are all pad; trailing all-pad columns dropped."""
-        out = torch.full((len(texts), n), self.pad, dtype=torch.long)
-        idx = [i for i, t in enumerate(texts) if t is not None]
-        if idx:
-            out[idx] = self.tok([texts[i] for i in idx], context_length=n).long()
-        if self.trim:
-            used = (out != self.pad).any(dim=0).nonzero()
-            # Keep >= 1 column so an all-missing field is [B, 1] of pad, never a zero-size tensor.
-            out = out[:, : max(1, int(used[-1]) + 1 if len(used) else 1)].contiguous()
-        return out
-
-    def __call__(self, samples: list[dict[str, Any]], skipped: dict[str, int]) -> Batch:
-        text = {f: [s["text"][f] for s in samples] for f in self.fields}
-        present = {f: torch.tensor([t is not None for t in ts], dtype=torch.bool) for f, ts in text.items()}
-        present["image"] = torch.ones(len(samples), dtype=torch.bool)
-        return {
-            # default_collate stacks straight into shared memory inside a worker, saving the copy that
-            # sending a plain stacked tensor to the main process would cost (~B*3*H*W*4 bytes per batch).
-            "image": default_collate([s["image"] for s in samples]),
-            "tokens": {f: self.tokens(ts, self.ctx[f]) for f, ts in text.items()},
-            "present": present,
-            "text_id": {f: torch.tensor([stable_hash(t) if t is not None else 0 for t in ts], dtype=torch.long)
-                        for f, ts in text.items()},
-            "item_id": torch.tensor([stable_hash(s["item_id"]) for s in samples], dtype=torch.long),
-            "score": torch.tensor([s["score"] for s in samples], dtype=torch.float32),
-            "position": torch.tensor([s["position"] for s in samples], dtype=torch.float32),
-            "text": text,
-            "key": [s["key"] for s in samples],
-            "skipped": dict(skipped),
-        }
-
-
-class _SkipLog:
-    """Counts skipped samples by reason and logs each with its key: the first 5 per reason, then at powers
-    of two (deterministic rate limit, so a shard full of bad samples cannot flood the log)."""
-
-    def __init__(self, where: str, totals: dict[str, int] | None = None) -> None:
-        self.where = where
-        self.totals: Counter[str] = Counter(totals or {})
-        self.delta: Counter[str] = Counter()
-
-    def __call__(self, reason: str, key: str, detail: Any) -> None:
-        self.totals[reason] += 1
-        self.delta[reason] += 1
-        n = self.totals[reason]
-        if n <= 5 or (n & (n - 1)) == 0:
-            logger.warning("skipped %s in %s: %s #%d: %s", key, self.where, reason, n, detail)
-
-    def take_delta(self) -> dict[str, int]:
-        out, self.delta = dict(self.delta), Counter()
-        return out
-
-
-def _all_reasons(counts: dict[str, int]) -> dict[str, int]:
-    """``counts`` with every reason of SKIP_REASONS (in that order) present; any other reason follows."""
-    out = {r: int(counts.get(r, 0)) for r in SKIP_REASONS}
-    out.update({r: int(n) for r, n in sorted(counts.items()) if r not in out})
-    return out
-
-
 def _seed_all(s: int) -> random.Random:
     """Seed the global RNGs that torchvision transforms use; return a private RNG for list sampling.
 
@@ -423,33 +198,6 @@ def _seed_all(s: int) -> random.Random:
     random.seed(s)
     return random.Random(s)
 
-
-def _to_wire(batch: Batch) -> Batch:
-    """Small tensors -> numpy before leaving a worker process.
-
-    The DataLoader moves every tensor through its own shared-memory segment, a fixed cost per tensor that
-    a 7-field batch pays ~30 times; small numpy arrays travel inside the pickle instead. Only ``image``
-    (megabytes) stays a tensor.
-    """
-    out: Batch = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor) and k != "image":
-            out[k] = v.numpy()
-        elif isinstance(v, dict) and k in ("tokens", "present", "text_id"):
-            out[k] = {f: t.numpy() for f, t in v.items()}
-        else:
-            out[k] = v
-    return out
-
-
-def _from_wire(batch: Batch) -> Batch:
-    """Inverse of ``_to_wire`` in the main process (zero-copy ``torch.from_numpy``)."""
-    for k, v in batch.items():
-        if isinstance(v, np.ndarray):
-            batch[k] = torch.from_numpy(v)
-        elif isinstance(v, dict) and k in ("tokens", "present", "text_id"):
-            batch[k] = {f: torch.from_numpy(t) if isinstance(t, np.ndarray) else t for f, t in v.items()}
-    return batch
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -639,23 +387,6 @@ class TrainStream:
             del it  # shuts the workers down when the consumer stops early
 
 
-def _validate_text_args(tokenizer: Any, context_length: dict[str, int], fields: list[str], list_rule: str) -> None:
-    if not fields:
-        raise ValueError("fields is empty: name at least one text field (e.g. ['title'])")
-    if "image" in fields:
-        raise ValueError("'image' is the reserved name of the picture; remove it from the text fields")
-    missing = [f for f in fields if f not in context_length]
-    if missing:
-        raise ValueError(f"no context length for fields {missing}: add them to context_length (e.g. title: 77)")
-    bad = {f: n for f, n in context_length.items() if f in fields and (not isinstance(n, int) or n < 2)}
-    if bad:
-        raise ValueError(f"context lengths must be integers >= 2 (start + end token), got {bad}")
-    if list_rule not in LIST_RULES:
-        raise ValueError(f"list_rule must be one of {LIST_RULES}, got {list_rule!r}")
-    if not callable(tokenizer):
-        raise TypeError("tokenizer must be callable as tok(texts, context_length=n) (open_clip.get_tokenizer)")
-
-
 def build_train_stream(
     urls: str | list[str],
     *,
@@ -709,31 +440,9 @@ def build_train_stream(
     previous batch).
     """
     _validate_text_args(tokenizer, context_length, fields, list_rule)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    patterns = [urls] if isinstance(urls, str) else list(urls)
-    if source_weights is None:
-        sources = [expand_urls(patterns)]
-    else:
-        if len(source_weights) != len(patterns):
-            raise ValueError(f"{len(source_weights)} source_weights for {len(patterns)} url patterns; give one "
-                             "weight per pattern")
-        if any(w < 0 for w in source_weights) or sum(source_weights) <= 0:
-            raise ValueError(f"source_weights must be >= 0 with a positive sum, got {source_weights}")
-        sources = [expand_urls(p) for p in patterns]
-    n_slots = world_size * max(1, num_workers)
-    for i, src in enumerate(sources):
-        if not resampled and len(src) < n_slots:
-            logger.warning(
-                "source %d has %d shards for %d ranks x workers: every worker reads all its shards and keeps "
-                "1/%d of the samples (correct but %dx the reading); write smaller shards or use resampled=True",
-                i, len(src), n_slots, n_slots, n_slots)
+    _check_train_args(batch_size, num_workers, seed, rank, world_size)
+    sources = _sources(urls, source_weights)
+    _warn_if_few_shards(sources, world_size * max(1, num_workers), resampled)
     spec = {
         "sources": sources, "weights": None if source_weights is None else [float(w) for w in source_weights],
         "resampled": bool(resampled), "seed": seed, "block_size": max(1, int(shuffle_buffer)),
@@ -745,132 +454,34 @@ def build_train_stream(
     return TrainStream(spec, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
 
 
-# ------------------------------------------------------------------------------------------- eval
-
-class _EvalDataset(IterableDataset):
-    def __init__(self, urls: list[str], spec: dict[str, Any]) -> None:
-        super().__init__()
-        self.urls, self.spec = urls, spec
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        s = self.spec
-        log = _SkipLog(f"eval worker {wid}")
-        decode = _Decoder(s["fields"], s["image_transform"], s["list_rule"], s["list_sep"])
-        collator = _Collator(s["tokenizer"], s["context_length"], s["fields"], s["trim_tokens"])
-
-        def collate(samples: list[dict[str, Any]]) -> Batch:
-            batch = collator(samples, log.take_delta())
-            return _to_wire(batch) if info is not None else batch
-
-        pending: list[dict[str, Any]] = []
-        for url in self.urls[wid::nw]:
-            for raw in _iter_shard(url, lambda r, u, e: log(r, u, repr(e))):
-                # list_rule="sample" must pick the same item every evaluation: seed by the sample key.
-                rng = random.Random(stable_hash(raw["__key__"])) if s["list_rule"] == "sample" else None
-                try:
-                    pending.append(decode(raw, rng))
-                except _Skip as skip:
-                    log(skip.args[0], raw["__key__"], f"{skip.args[1] if len(skip.args) > 1 else ''} @ {url}")
-                    continue
-                if len(pending) == s["batch_size"]:
-                    yield collate(pending)
-                    pending = []
-        if pending:
-            yield collate(pending)
-        elif log.delta:
-            yield {"skipped": log.take_delta()}  # counts of trailing skips, no samples
+def _check_train_args(batch_size: int, num_workers: int, seed: int, rank: int, world_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
 
 
-class EvalLoader:
-    """One ordered pass over this rank's shards (no shuffle); last batches may be partial.
-
-    Worker ``w`` of ``W`` reads shards ``w, w+W, ...`` of the rank's shards and batches are returned
-    round-robin, so the order is fixed for a given worker count. ``skipped`` totals the skipped samples
-    (reasons that occurred only) of the finished passes and the current one.
-    """
-
-    def __init__(self, urls: list[str], spec: dict[str, Any]) -> None:
-        self.urls, self._spec = urls, spec
-        self.num_workers = min(spec["num_workers"], len(urls))
-        self.pad_id = pad_id_of(spec["tokenizer"])
-        self.skipped: dict[str, int] = {}  # only reasons that occurred (empty = nothing skipped)
-
-    def __iter__(self) -> Iterator[Batch]:
-        ds = _EvalDataset(self.urls, self._spec)
-        it = iter(ds) if self.num_workers == 0 else iter(
-            DataLoader(ds, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
-        totals = Counter(self.skipped)
-        for batch in it:
-            batch = _from_wire(batch)
-            totals.update(batch["skipped"])
-            self.skipped = dict(totals)
-            if "image" in batch:  # a trailing skip-only record carries counts but no samples
-                yield batch
+def _sources(urls: str | list[str], source_weights: list[float] | None) -> list[list[str]]:
+    """Shard URLs per source: one pool of every pattern without weights, else one source per pattern."""
+    patterns = [urls] if isinstance(urls, str) else list(urls)
+    if source_weights is None:
+        return [expand_urls(patterns)]
+    if len(source_weights) != len(patterns):
+        raise ValueError(f"{len(source_weights)} source_weights for {len(patterns)} url patterns; give one "
+                         "weight per pattern")
+    if any(w < 0 for w in source_weights) or sum(source_weights) <= 0:
+        raise ValueError(f"source_weights must be >= 0 with a positive sum, got {source_weights}")
+    return [expand_urls(p) for p in patterns]
 
 
-def build_eval_loader(
-    urls: str | list[str],
-    *,
-    tokenizer: Any,
-    context_length: dict[str, int],
-    image_transform: Callable[[Image.Image], torch.Tensor],
-    batch_size: int,
-    fields: list[str],
-    num_workers: int,
-    rank: int = 0,
-    world_size: int = 1,
-    list_rule: str = "join",
-    list_sep: str = ", ",
-    trim_tokens: bool = True,
-) -> EvalLoader:
-    """A single ordered pass over ``urls`` (same batch dict as ``build_train_stream``; partial batches).
-
-    With ``world_size > 1`` rank ``r`` reads shards ``r, r + world_size, ...`` (a rank without shards
-    yields nothing; pass ``world_size=1`` to read everything on every rank).
-    """
-    _validate_text_args(tokenizer, context_length, fields, list_rule)
-    if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
-        raise ValueError(f"need batch_size >= 1, num_workers >= 0, 0 <= rank < world_size; got {batch_size}, "
-                         f"{num_workers}, {rank}, {world_size}")
-    mine = expand_urls(urls)[rank::world_size]
-    if not mine:
-        logger.warning("eval rank %d of %d has no shards (fewer shards than ranks)", rank, world_size)
-    spec = {"fields": list(fields), "context_length": dict(context_length), "tokenizer": tokenizer,
-            "image_transform": image_transform, "batch_size": int(batch_size), "list_rule": list_rule,
-            "list_sep": list_sep, "num_workers": int(num_workers), "trim_tokens": bool(trim_tokens)}
-    return EvalLoader(mine, spec)
-
-
-# ------------------------------------------------------------------------------------------ helpers
-
-def concat_batches(batches: Sequence[Batch], pad_id: int = 0) -> Batch:
-    """Concatenate batches along the sample axis (gradient-accumulation micro-batches -> one batch).
-
-    Token tensors of one field are right-padded with ``pad_id`` (``stream.pad_id``) to the longest
-    before concatenation; ``skipped`` counts are summed. Returns the same dict layout.
-    """
-    if not batches:
-        raise ValueError("concat_batches needs at least one batch")
-    first = batches[0]
-    tokens = {}
-    for f in first["tokens"]:
-        parts = [b["tokens"][f] for b in batches]
-        n = max(p.shape[1] for p in parts)
-        tokens[f] = torch.cat([torch.nn.functional.pad(p, (0, n - p.shape[1]), value=pad_id) for p in parts])
-    skipped: Counter[str] = Counter()
-    for b in batches:
-        skipped.update(b.get("skipped", {}))
-    return {
-        "image": torch.cat([b["image"] for b in batches]),
-        "tokens": tokens,
-        "present": {f: torch.cat([b["present"][f] for b in batches]) for f in first["present"]},
-        "text_id": {f: torch.cat([b["text_id"][f] for b in batches]) for f in first["text_id"]},
-        "item_id": torch.cat([b["item_id"] for b in batches]),
-        "score": torch.cat([b["score"] for b in batches]),
-        "position": torch.cat([b["position"] for b in batches]),
-        "text": {f: [t for b in batches for t in b["text"][f]] for f in first["text"]},
-        "key": [k for b in batches for k in b["key"]],
-        "skipped": dict(skipped),
-    }
+def _warn_if_few_shards(sources: list[list[str]], n_slots: int, resampled: bool) -> None:
+    for i, src in enumerate(sources):
+        if not resampled and len(src) < n_slots:
+            logger.warning(
+                "source %d has %d shards for %d ranks x workers: every worker reads all its shards and keeps "
+                "1/%d of the samples (correct but %dx the reading); write smaller shards or use resampled=True",
+                i, len(src), n_slots, n_slots, n_slots)
