@@ -1,4 +1,16 @@
-"""Data: the synthetic catalog, table -> shard preparation, and the streaming pipeline."""
+"""Data: where samples come from, how they are written as shards, and how shards become batches.
+
+    catalog/     the procedural fashion catalog (``python -m gcl.data.synthetic``; ``synthetic`` re-exports it)
+    prepare      a user table (+ images) -> shards: options, row mapping, workers, report, CLI
+    read         reading that table and its images: formats, rows, columns, cell values, image decoding
+    schema       the shard schema: text fields, image extensions, sample keys, ``stable_hash``
+    shards       shard files: ``ShardWriter``, ``expand_urls``, reading a shard's raw samples
+    batch        raw sample -> decoded sample -> the batch dict (shared by training and evaluation)
+    stream       the resumable training stream (``build_train_stream``, ``TrainStream``)
+    eval_loader  one ordered pass for evaluation (``build_eval_loader``)
+
+This file holds ``resolve_splits`` only: the shard patterns per split of a ``data`` config node.
+"""
 from __future__ import annotations
 
 import json

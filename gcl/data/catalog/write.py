@@ -52,7 +52,8 @@ from gcl.data.catalog.text import make_query, make_texts, noisy_title
 from gcl.data.schema import TEXT_FIELDS
 from gcl.data.shards import ShardWriter
 
-log = logging.getLogger(__name__)
+# Records keep the logger name they had before this code moved here from gcl.data.synthetic.
+log = logging.getLogger("gcl.data.synthetic")
 
 # Bump when the generator's output changes for the same arguments: it is part of the ensure_catalog cache key.
 FORMAT_VERSION = 1
