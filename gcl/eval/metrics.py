@@ -21,6 +21,10 @@ name               definition (per query; ``rel`` = grade >= relevance_level)  t
                    discount ``log2(rank + 1)``; the ideal ranks *all* judged
                    documents by grade (cut at k for ``ndcg@k``); 0 when the
                    ideal is 0
+``accuracy@k``     1 if a rel document is in the top k, else 0 (BEIR's         ``success_k``
+                   top-k accuracy)
+``hole@k``         #retrieved documents in the top k that no query judges      (BEIR's ``Hole@k``)
+                   (any grade, any query of the qrels) / k
 ``err`` ``err@k``  sum_r R_r / r * prod_{i<r} (1 - R_i) with                   (GCL's ``calculate_err``)
                    ``R = (2**g - 1) / 2**g_max``, ``g = max(grade, 0)``,
                    ``g_max`` the query's largest judged grade; 0 when g_max <= 0
@@ -32,7 +36,9 @@ name               definition (per query; ``rel`` = grade >= relevance_level)  t
 Conventions, matched to pytrec_eval 0.5 (trec_eval 9) and checked against it in the tests:
 
 * **Order**: a query's run is sorted by score descending, ties by docid *descending* (byte-wise string
-  order), exactly as trec_eval does; all retrieved documents count (no 1000-document truncation).
+  order), exactly as trec_eval does; all retrieved documents count (no 1000-document truncation). BEIR's
+  MRR/accuracy/hole and GCL's ERR/RBP sort with Python's stable sort instead (ties stay in the run's insertion
+  order); here every metric uses the one trec_eval order, so all metrics of a query see the same ranking.
 * **Which queries are averaged**: pytrec_eval evaluates the queries that are in the run *and* have a
   non-empty judgement dict; a query whose judgements are all 0 is evaluated (and scores 0); a run entry
   ``{}`` scores 0; queries in only one of the two dicts are ignored. ``compute`` returns the plain mean of the
@@ -58,18 +64,20 @@ __all__ = [
     "compute_from_ranking_per_query",
     "lookup_gains",
     "parse_metric",
+    "trec_order",
     "Metric",
 ]
 
-_CUT = re.compile(r"^(recall|precision|mrr|map|ndcg|err)@(\d+)$")
+_CUT = re.compile(r"^(recall|precision|mrr|map|ndcg|err|accuracy|hole)@(\d+)$")
 _UNCUT = ("mrr", "map", "ndcg", "err")
 _RBP = re.compile(r"^rbp@(\d*\.?\d+(?:[eE]-?\d+)?)$")
+_TREC_KINDS = ("precision", "recall", "mrr", "map", "ndcg", "accuracy")  # computed from the sparse hit list
 
 
 @dataclass(frozen=True)
 class Metric:
-    """A parsed metric name: ``kind`` in recall|precision|mrr|map|ndcg|err|rbp, ``k`` a cut-off or None
-    (uncut), ``p`` RBP's persistence (``rbp`` only)."""
+    """A parsed metric name: ``kind`` in recall|precision|mrr|map|ndcg|accuracy|hole|err|rbp, ``k`` a cut-off
+    or None (uncut), ``p`` RBP's persistence (``rbp`` only)."""
 
     name: str
     kind: str
@@ -94,8 +102,8 @@ def parse_metric(name: str) -> Metric:
             raise ValueError(f"metric {name!r}: RBP's persistence p must be in (0, 1), e.g. rbp@0.8")
         return Metric(name, "rbp", p=p)
     raise ValueError(
-        f"unknown metric {name!r}: use recall@k, precision@k, mrr, mrr@k, map, map@k, ndcg, ndcg@k, err, err@k "
-        f"or rbp@p (k a positive integer, 0 < p < 1), e.g. ['ndcg@10', 'map@1000', 'rbp@0.8']"
+        f"unknown metric {name!r}: use recall@k, precision@k, mrr, mrr@k, map, map@k, ndcg, ndcg@k, accuracy@k, "
+        f"hole@k, err, err@k or rbp@p (k a positive integer, 0 < p < 1), e.g. ['ndcg@10', 'map@1000', 'rbp@0.8']"
     )
 
 
@@ -108,12 +116,148 @@ def _as_f64(x: np.ndarray | torch.Tensor | Sequence, what: str) -> np.ndarray:
     return a
 
 
+def _np(x: np.ndarray | torch.Tensor | Sequence) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+@dataclass
+class _Ranking:
+    """The validated inputs of one evaluation: gains [Q, K], the descending ideal gains [Q, J], #relevant [Q],
+    each query's largest judged grade [Q] and the unjudged-document mask [Q, K] (hole@k only)."""
+
+    g: np.ndarray
+    ideal: np.ndarray
+    nrel: np.ndarray
+    gmax: np.ndarray
+    unjudged: np.ndarray | None
+
+    @property
+    def nq(self) -> int:
+        return self.g.shape[0]
+
+    @property
+    def kk(self) -> int:
+        return self.g.shape[1]
+
+    def cut(self, k: int | None) -> int:
+        return self.kk if k is None else min(k, self.kk)
+
+
+def _ranking(ranked_gains: np.ndarray | torch.Tensor, ideal_gains: np.ndarray | torch.Tensor,
+             n_rel: np.ndarray | torch.Tensor | None, relevance_level: int,
+             unjudged: np.ndarray | torch.Tensor | None) -> _Ranking:
+    if relevance_level < 1:
+        raise ValueError(f"relevance_level={relevance_level}: must be >= 1 (unjudged documents have grade 0)")
+    g = _as_f64(ranked_gains, "ranked_gains")
+    judged = _as_f64(ideal_gains, "ideal_gains")
+    nq = g.shape[0]
+    if judged.shape[0] != nq:
+        raise ValueError(f"ideal_gains has {judged.shape[0]} rows but ranked_gains has {nq}")
+    ideal = -np.sort(-np.maximum(judged, 0.0), axis=1)  # descending; negative grades carry no gain
+    if n_rel is None:
+        nrel = (judged >= relevance_level).sum(1).astype(np.float64)
+    else:
+        nrel = _np(n_rel).astype(np.float64).reshape(-1)
+        if nrel.shape[0] != nq:
+            raise ValueError(f"n_rel has {nrel.shape[0]} entries but ranked_gains has {nq} rows")
+    hole = None
+    if unjudged is not None:
+        hole = _np(unjudged).astype(bool)
+        if hole.shape != g.shape:
+            raise ValueError(f"unjudged has shape {hole.shape} but ranked_gains has {g.shape}")
+    gmax = ideal[:, 0] if ideal.shape[1] else np.zeros(nq)
+    return _Ranking(g, ideal, nrel, gmax, hole)
+
+
+@dataclass
+class _Hits:
+    """Sparse view of a ranking: only positive-gain positions matter to the trec_eval metrics, and a run has
+    few of them, so those metrics cost one O(Q*K) scan plus O(hits) (the hot path of a big evaluation).
+
+    ``rows``/``cols``/``vals``: every positive gain (row-major: ascending rank within a row); ``rr``/``rc``: the
+    relevant ones; ``nth``: 0-based rank of a relevant hit among its row's relevant hits; ``first_col``: each
+    row's first relevant rank (int64 max when none)."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    vals: np.ndarray
+    rr: np.ndarray
+    rc: np.ndarray
+    nth: np.ndarray
+    first_col: np.ndarray
+
+
+def _hits(r: _Ranking, kn: int, relevance_level: int) -> _Hits:
+    rows, cols = np.nonzero(r.g[:, :kn] > 0)
+    vals = r.g[rows, cols]
+    isrel = vals >= relevance_level
+    rr, rc = rows[isrel], cols[isrel]
+    counts = np.bincount(rr, minlength=r.nq)
+    first = np.cumsum(counts) - counts  # index of each row's first hit in rr/rc
+    first_col = np.full(r.nq, np.iinfo(np.int64).max)
+    has = counts > 0
+    first_col[has] = rc[first[has]]
+    return _Hits(rows, cols, vals, rr, rc, np.arange(rr.size) - first[rr], first_col)
+
+
+def _per_row(nq: int, sel: np.ndarray, r: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    return np.bincount(r[sel], weights=None if w is None else w[sel], minlength=nq).astype(np.float64)
+
+
+def _trec_metric(m: Metric, r: _Ranking, h: _Hits) -> np.ndarray:
+    """One of the binary / graded trec_eval metrics (and BEIR's accuracy@k) from the sparse hit list."""
+    k, nq = r.cut(m.k), r.nq
+    safe_nrel = np.where(r.nrel > 0, r.nrel, 1.0)
+    if m.kind == "precision":
+        return _per_row(nq, h.rc < k, h.rr) / m.k
+    if m.kind == "recall":
+        return np.where(r.nrel > 0, _per_row(nq, h.rc < k, h.rr) / safe_nrel, 0.0)
+    if m.kind == "mrr":
+        return np.where(h.first_col < k, 1.0 / (np.minimum(h.first_col, r.kk) + 1.0), 0.0)
+    if m.kind == "accuracy":
+        return (h.first_col < k).astype(np.float64)
+    if m.kind == "map":
+        prec = (h.nth + 1.0) / (h.rc + 1.0)  # precision at each relevant rank
+        return np.where(r.nrel > 0, _per_row(nq, h.rc < k, h.rr, prec) / safe_nrel, 0.0)
+    # ndcg: the ideal ranks every judged document (trec_eval), cut at k for ndcg@k
+    dcg = _per_row(nq, h.cols < k, h.rows, h.vals / np.log2(h.cols + 2.0))
+    ideal_disc = np.cumsum(r.ideal / np.log2(np.arange(2, r.ideal.shape[1] + 2, dtype=np.float64)), 1)
+    j = r.ideal.shape[1] if m.k is None else min(m.k, r.ideal.shape[1])
+    idcg = ideal_disc[:, j - 1] if j > 0 else np.zeros(nq)
+    return np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0)
+
+
+def _err(r: _Ranking, k: int) -> np.ndarray:
+    gain = np.maximum(r.g[:, :k], 0.0)
+    gmax = r.gmax[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        # 2**(g - gmax) - 2**(-gmax) == (2**g - 1) / 2**gmax without overflowing for large grades
+        r_prob = np.where(gmax > 0, np.exp2(gain - gmax) - np.exp2(-gmax), 0.0)
+    reach = np.cumprod(1.0 - r_prob, 1)
+    reach = np.concatenate([np.ones((r.nq, 1)), reach[:, :-1]], 1)  # P(the user reaches rank r)
+    return (reach * r_prob / np.arange(1, k + 1, dtype=np.float64)).sum(1)
+
+
+def _rbp(r: _Ranking, p: float) -> np.ndarray:
+    w = (1.0 - p) * np.power(p, np.arange(r.kk, dtype=np.float64))
+    ok = r.gmax > 0
+    return np.where(ok, (np.maximum(r.g, 0.0) * w).sum(1) / np.where(ok, r.gmax, 1.0), 0.0)
+
+
+def _hole(m: Metric, r: _Ranking) -> np.ndarray:
+    if r.unjudged is None:
+        raise ValueError(f"metric {m.name!r} needs `unjudged` (which retrieved documents no query judges); "
+                         "compute() builds it from the qrels")
+    return r.unjudged[:, : r.cut(m.k)].sum(1).astype(np.float64) / m.k
+
+
 def compute_from_ranking_per_query(
     ranked_gains: np.ndarray | torch.Tensor,
     ideal_gains: np.ndarray | torch.Tensor,
     metrics: Sequence[str],
     n_rel: np.ndarray | torch.Tensor | None = None,
     relevance_level: int = 1,
+    unjudged: np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-query metric values from gain matrices (vectorised; no per-query Python).
 
@@ -129,79 +273,25 @@ def compute_from_ranking_per_query(
             ``ideal_gains``.
         relevance_level: the smallest grade (>= 1) that counts as relevant for the binary metrics
             (pytrec_eval's ``relevance_level``, trec_eval -l).
+        unjudged: [Q, K] bool, True where the retrieved document is judged by no query of the qrels (False
+            for padding); needed by ``hole@k`` only.
     Returns:
         ``{metric: float64 ndarray[Q]}``.
     """
     parsed = [parse_metric(m) for m in metrics]
-    if relevance_level < 1:
-        raise ValueError(f"relevance_level={relevance_level}: must be >= 1 (unjudged documents have grade 0)")
-    g = _as_f64(ranked_gains, "ranked_gains")
-    judged = _as_f64(ideal_gains, "ideal_gains")
-    nq, kk = g.shape
-    if judged.shape[0] != nq:
-        raise ValueError(f"ideal_gains has {judged.shape[0]} rows but ranked_gains has {nq}")
-    ideal = -np.sort(-np.maximum(judged, 0.0), axis=1)  # descending; negative grades carry no gain
-    if n_rel is None:
-        nrel = (judged >= relevance_level).sum(1).astype(np.float64)
-    else:
-        nrel = (n_rel.detach().cpu().numpy() if isinstance(n_rel, torch.Tensor) else np.asarray(n_rel))
-        nrel = nrel.astype(np.float64).reshape(-1)
-        if nrel.shape[0] != nq:
-            raise ValueError(f"n_rel has {nrel.shape[0]} entries but ranked_gains has {nq} rows")
-    gmax = ideal[:, 0] if ideal.shape[1] else np.zeros(nq)
-    safe_nrel = np.where(nrel > 0, nrel, 1.0)
-
-    def cut(k: int | None) -> int:
-        return kk if k is None else min(k, kk)
-
-    # Sparse view of the ranking: only positive-gain positions matter to the trec_eval metrics, and a run
-    # has few of them, so those metrics cost O(Q*K) for one scan plus O(hits) (the hot path of a big eval).
-    trec_kinds = {"precision", "recall", "mrr", "map", "ndcg"}
-    kn = max((cut(m.k) for m in parsed if m.kind in trec_kinds), default=0)
-    rows, cols = np.nonzero(g[:, :kn] > 0)  # row-major: ascending rank within each row
-    vals = g[rows, cols]
-    isrel = vals >= relevance_level
-    rr, rc = rows[isrel], cols[isrel]  # relevant hits
-    counts = np.bincount(rr, minlength=nq)
-    first = np.cumsum(counts) - counts  # index of each row's first hit in rr/rc
-    nth = np.arange(rr.size) - first[rr]  # 0-based rank of a hit among its row's hits
-    first_col = np.full(nq, np.iinfo(np.int64).max)
-    has = counts > 0
-    first_col[has] = rc[first[has]]
-    ideal_disc = np.cumsum(ideal / np.log2(np.arange(2, ideal.shape[1] + 2, dtype=np.float64)), 1)
-
-    def per_row(sel: np.ndarray, r: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-        return np.bincount(r[sel], weights=None if w is None else w[sel], minlength=nq).astype(np.float64)
-
+    r = _ranking(ranked_gains, ideal_gains, n_rel, relevance_level, unjudged)
+    kn = max((r.cut(m.k) for m in parsed if m.kind in _TREC_KINDS), default=0)
+    hits = _hits(r, kn, relevance_level)
     out: dict[str, np.ndarray] = {}
     for m in parsed:
-        k = cut(m.k)
-        if m.kind == "precision":
-            out[m.name] = per_row(rc < k, rr) / m.k
-        elif m.kind == "recall":
-            out[m.name] = np.where(nrel > 0, per_row(rc < k, rr) / safe_nrel, 0.0)
-        elif m.kind == "mrr":
-            out[m.name] = np.where(first_col < k, 1.0 / (np.minimum(first_col, kk) + 1.0), 0.0)
-        elif m.kind == "map":
-            prec = (nth + 1.0) / (rc + 1.0)  # precision at each relevant rank
-            out[m.name] = np.where(nrel > 0, per_row(rc < k, rr, prec) / safe_nrel, 0.0)
-        elif m.kind == "ndcg":
-            dcg = per_row(cols < k, rows, vals / np.log2(cols + 2.0))
-            j = ideal.shape[1] if m.k is None else min(m.k, ideal.shape[1])
-            idcg = ideal_disc[:, j - 1] if j > 0 else np.zeros(nq)
-            out[m.name] = np.where(idcg > 0, dcg / np.where(idcg > 0, idcg, 1.0), 0.0)
+        if m.kind in _TREC_KINDS:
+            out[m.name] = _trec_metric(m, r, hits)
         elif m.kind == "err":
-            gain = np.maximum(g[:, :k], 0.0)
-            with np.errstate(over="ignore", invalid="ignore"):
-                # 2**(g - gmax) - 2**(-gmax) == (2**g - 1) / 2**gmax without overflowing for large grades
-                r_prob = np.where(gmax[:, None] > 0, np.exp2(gain - gmax[:, None]) - np.exp2(-gmax[:, None]), 0.0)
-            reach = np.cumprod(1.0 - r_prob, 1)
-            reach = np.concatenate([np.ones((nq, 1)), reach[:, :-1]], 1)  # P(the user reaches rank r)
-            out[m.name] = (reach * r_prob / np.arange(1, k + 1, dtype=np.float64)).sum(1)
-        else:  # rbp
-            p = float(m.p)
-            w = (1.0 - p) * np.power(p, np.arange(kk, dtype=np.float64))
-            out[m.name] = np.where(gmax > 0, (np.maximum(g, 0.0) * w).sum(1) / np.where(gmax > 0, gmax, 1.0), 0.0)
+            out[m.name] = _err(r, r.cut(m.k))
+        elif m.kind == "hole":
+            out[m.name] = _hole(m, r)
+        else:
+            out[m.name] = _rbp(r, float(m.p))
     return out
 
 
@@ -211,9 +301,10 @@ def compute_from_ranking(
     metrics: Sequence[str],
     n_rel: np.ndarray | torch.Tensor | None = None,
     relevance_level: int = 1,
+    unjudged: np.ndarray | torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The mean over the Q rows of ``compute_from_ranking_per_query`` (same arguments); 0.0 when Q == 0."""
-    per = compute_from_ranking_per_query(ranked_gains, ideal_gains, metrics, n_rel, relevance_level)
+    per = compute_from_ranking_per_query(ranked_gains, ideal_gains, metrics, n_rel, relevance_level, unjudged)
     return {m: float(v.mean()) if v.size else 0.0 for m, v in per.items()}
 
 
@@ -265,17 +356,27 @@ def lookup_gains(
     return out
 
 
+def trec_order(docs: Mapping[str, float]) -> list[tuple[str, float]]:
+    """A query's run as (docid, score) pairs in trec_eval's order: score descending, then docid descending
+    (strcmp; Python's str order is code-point order, which UTF-8 byte order preserves)."""
+    return sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+
+
 def _arrays(
     qrels: Mapping[str, Mapping[str, int]],
     run: Mapping[str, Mapping[str, float]],
     complete: bool,
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Dicts -> (query ids, ranked grades [Q, K], judged grades [Q, J]) in trec_eval's order."""
+    with_unjudged: bool,
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]:
+    """Dicts -> (query ids, ranked grades [Q, K], judged grades [Q, J], unjudged mask [Q, K] or None) in
+    trec_eval's order. A document is judged when any query of ``qrels`` judges it (BEIR's hole@k corpus)."""
     qids = [q for q in qrels if len(qrels[q]) > 0 and (complete or q in run)]
     kmax = max((len(run.get(q, ())) for q in qids), default=0)
     jmax = max((len(qrels[q]) for q in qids), default=0)
     ranked = np.zeros((len(qids), kmax))
     ideal = np.zeros((len(qids), jmax))
+    unjudged = np.zeros((len(qids), kmax), dtype=bool) if with_unjudged else None
+    annotated = {d for judged in qrels.values() for d in judged} if with_unjudged else set()
     for i, q in enumerate(qids):
         judged = qrels[q]
         ideal[i, : len(judged)] = list(judged.values())
@@ -285,10 +386,15 @@ def _arrays(
         for s in docs.values():
             if math.isnan(s):
                 raise ValueError(f"run[{q!r}] has a NaN score; fix the scores (NaN has no rank)")
-        # trec_eval: score descending, then docid descending (strcmp), which reverse=True on the pair gives
-        order = sorted(docs.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)
+        order = trec_order(docs)
         ranked[i, : len(order)] = [judged.get(d, 0) for d, _ in order]
-    return qids, ranked, ideal
+        if unjudged is not None:
+            unjudged[i, : len(order)] = [d not in annotated for d, _ in order]
+    return qids, ranked, ideal, unjudged
+
+
+def _needs_unjudged(metrics: Sequence[str]) -> bool:
+    return any(parse_metric(m).kind == "hole" for m in metrics)
 
 
 def compute_per_query(
@@ -303,8 +409,8 @@ def compute_per_query(
     The queries are those pytrec_eval evaluates (in the run and with a non-empty judgement dict), or every
     judged query when ``complete`` (missing ones score 0). See the module docstring for the definitions.
     """
-    qids, ranked, ideal = _arrays(qrels, run, complete)
-    per = compute_from_ranking_per_query(ranked, ideal, metrics, relevance_level=relevance_level)
+    qids, ranked, ideal, unjudged = _arrays(qrels, run, complete, _needs_unjudged(metrics))
+    per = compute_from_ranking_per_query(ranked, ideal, metrics, relevance_level=relevance_level, unjudged=unjudged)
     return {q: {m: float(per[m][i]) for m in per} for i, q in enumerate(qids)}
 
 
@@ -325,5 +431,5 @@ def compute(
         relevance_level: the smallest relevant grade for the binary metrics (pytrec_eval's relevance_level).
         complete: average over every judged query (missing from the run = 0), like ``trec_eval -c``.
     """
-    qids, ranked, ideal = _arrays(qrels, run, complete)
-    return compute_from_ranking(ranked, ideal, metrics, relevance_level=relevance_level)
+    qids, ranked, ideal, unjudged = _arrays(qrels, run, complete, _needs_unjudged(metrics))
+    return compute_from_ranking(ranked, ideal, metrics, relevance_level=relevance_level, unjudged=unjudged)

@@ -223,3 +223,55 @@ def test_bad_metric_names_raise(bad: str) -> None:
 def test_nan_score_raises() -> None:
     with pytest.raises(ValueError, match="NaN"):
         M.compute({"q": {"a": 1}}, {"q": {"a": math.nan}}, ["mrr"])
+
+
+# ------------------------------------------------------------------------------ accuracy@k and hole@k
+@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("level", [1, 2])
+def test_accuracy_matches_trec_success(seed: int, level: int) -> None:
+    qrels, run = random_case(seed)
+    ref = pytrec_eval.RelevanceEvaluator(qrels, {"success.1,3,7,20"}, relevance_level=level).evaluate(run)
+    ours = M.compute_per_query(qrels, run, ["accuracy@1", "accuracy@3", "accuracy@7", "accuracy@20"],
+                               relevance_level=level)
+    assert set(ours) == set(ref)
+    for q in ref:
+        for k in (1, 3, 7, 20):
+            assert ours[q][f"accuracy@{k}"] == ref[q][f"success_{k}"], (q, k)
+    assert 0 < np.mean([v["accuracy@3"] for v in ours.values()]) < 1
+
+
+def ref_hole(qrels: dict, ranking: list[str], k: int) -> float:
+    """BEIR's Hole@k, written from its definition: the share of the top k that no query of the qrels judges."""
+    annotated = {d for judged in qrels.values() for d in judged}
+    return sum(d not in annotated for d in ranking[:k]) / k
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hole_matches_reference(seed: int) -> None:
+    qrels, run = random_case(seed, n_docs=200)  # many retrieved documents judged by no query
+    ours = M.compute_per_query(qrels, run, ["hole@1", "hole@5", "hole@50"])
+    for q, vals in ours.items():
+        ranking = trec_order(run[q])
+        for k in (1, 5, 50):
+            assert vals[f"hole@{k}"] == pytest.approx(ref_hole(qrels, ranking, k), abs=1e-12)
+    assert 0 < np.mean([v["hole@5"] for v in ours.values()]) < 1
+    with pytest.raises(ValueError, match="unjudged"):
+        M.compute_from_ranking_per_query(np.zeros((1, 2)), np.ones((1, 1)), ["hole@1"])
+
+
+def test_run_full_of_ties_matches_pytrec_eval() -> None:
+    """Every score equal: the ranking is decided by docid alone (trec_eval: descending), for every metric."""
+    docs = ["1390", "237", "99", "a", "B", "d10", "d9", "0"]
+    qrels = {f"q{i}": {docs[i]: 1, docs[(i + 3) % 8]: 2} for i in range(8)}
+    run = {q: {d: 0.5 for d in docs} for q in qrels}
+    names = {"mrr": "recip_rank", "ndcg@3": "ndcg_cut_3", "precision@2": "P_2", "map": "map",
+             "recall@4": "recall_4", "accuracy@1": "success_1"}
+    ref = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank", "ndcg_cut.3", "P.2", "map", "recall.4",
+                                                 "success.1"}).evaluate(run)
+    ours = M.compute_per_query(qrels, run, list(names))
+    for q in qrels:
+        for n, t in names.items():
+            assert ours[q][n] == pytest.approx(ref[q][t], abs=1e-12), (q, n)
+    # the direction: "d9" > "d10" > "a" > "B" > "99" > "237" > "1390" > "0" as byte strings, highest first
+    assert [d for d, _ in M.trec_order(run["q0"])] == sorted(docs, reverse=True)
+    assert ours["q1"]["mrr"] == 1 / 4  # judged: "237" (6th) and "B" (4th, the first hit)
