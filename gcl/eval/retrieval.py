@@ -202,7 +202,7 @@ def _select(buf: _Buffer, scores: np.ndarray, mask: np.ndarray, r0: int, s: int,
 
 
 def _topk_numpy(queries: Any, docs: Any, k: int, chunk_size: int, query_chunk_size: int, threads: int,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Main thread: sgemm of block j+1 (BLAS threads) while ``threads`` workers select from block j.
 
     Each worker owns a fixed slice of a block's rows, so updates of one query always run in document order.
@@ -233,6 +233,8 @@ def _topk_numpy(queries: Any, docs: Any, k: int, chunk_size: int, query_chunk_si
                 scores = slots[slot][0][: m * n].reshape(m, n)
                 mask = slots[slot][1][: m * n].reshape(m, n)
                 np.matmul(q[qs:qe], dc.T, out=scores)  # fp32 sgemm on all BLAS threads
+                if half:  # each score rounded to fp16, as a half-precision GEMM's output is
+                    np.copyto(scores, scores.astype(np.float16))
                 cuts = np.linspace(0, m, min(threads, m) + 1).astype(int)
                 pending[slot] = [workers[i].submit(_select, buf, scores[a:b], mask[a:b], qs + a, s, k)
                                  for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
@@ -249,7 +251,7 @@ def _topk_numpy(queries: Any, docs: Any, k: int, chunk_size: int, query_chunk_si
 
 # ---------------------------------------------------------------------------------- torch backend
 def _topk_torch(queries: Any, docs: Any, k: int, chunk_size: int, query_chunk_size: int,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                device: torch.device, half: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     def dev_f32(x: Any) -> torch.Tensor:
         if isinstance(x, np.ndarray):  # copy read-only (memory-mapped) arrays: torch wants writable memory
             x = torch.from_numpy(np.asarray(x, np.float32) if x.flags.writeable else np.array(x, np.float32))
@@ -269,6 +271,8 @@ def _topk_torch(queries: Any, docs: Any, k: int, chunk_size: int, query_chunk_si
         for qs in range(0, nq, query_chunk_size):
             qe = min(nq, qs + query_chunk_size)
             scores = q[qs:qe] @ dc.T  # [m, n] fp32
+            if half:
+                scores = scores.half().float()
             if s == 0:
                 kth = scores.topk(k, dim=1).values[:, -1:] if n > k else torch.full_like(scores[:, :1], -torch.inf)
                 mask = scores >= kth
@@ -314,7 +318,7 @@ def _topk_faiss(queries: Any, docs: Any, k: int) -> tuple[torch.Tensor, torch.Te
 
 def topk(queries: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray, k: int, chunk_size: int = 8192,
          *, query_chunk_size: int = 1024, device: torch.device | str | None = None, backend: str = "auto",
-         threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         threads: int | None = None, score_precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` inner products of each query against every document.
 
     Args:
@@ -329,6 +333,8 @@ def topk(queries: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray, k:
         backend: "auto" (numpy on CPU, torch elsewhere), "numpy", "torch" or "faiss".
         threads: numpy backend: worker threads that filter score blocks while the next block's sgemm runs
             (the sgemm itself uses all BLAS threads); default: the CPUs this process may use, at most 8.
+        score_precision: "fp32", or "fp16": every score is rounded to fp16 before selection (emulates scoring
+            with a half-precision GEMM: many exact ties, still ordered by index). Not with ``backend="faiss"``.
     Returns:
         (scores FloatTensor[Q, k] fp32, indices LongTensor[Q, k]) on CPU, each row sorted by score descending
         with equal scores in ascending document index (faiss: the same order, but which documents tie in at
@@ -338,6 +344,11 @@ def topk(queries: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray, k:
     """
     if backend not in BACKENDS:
         raise ValueError(f"topk: backend={backend!r} is not one of {BACKENDS}")
+    if score_precision not in ("fp32", "fp16"):
+        raise ValueError(f"topk: score_precision={score_precision!r} is not 'fp32' or 'fp16'")
+    half = score_precision == "fp16"
+    if half and backend == "faiss":
+        raise ValueError("topk: faiss scores in fp32 only; use backend='auto' for score_precision='fp16'")
     if chunk_size < 1 or query_chunk_size < 1:
         raise ValueError(f"topk: chunk_size ({chunk_size}) and query_chunk_size ({query_chunk_size}) must be >= 1")
     nq, _, _ = _check(queries, docs, k)
@@ -352,7 +363,7 @@ def topk(queries: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray, k:
     elif backend == "numpy":
         n_threads = threads if threads is not None else min(8, len(os.sched_getaffinity(0)) if hasattr(
             os, "sched_getaffinity") else (os.cpu_count() or 1))
-        out = _topk_numpy(queries, docs, k, chunk_size, query_chunk_size, max(1, n_threads))
+        out = _topk_numpy(queries, docs, k, chunk_size, query_chunk_size, max(1, n_threads), half)
     elif backend == "torch":
         # full fp32 products even if the caller enabled TF32 (``set_float32_matmul_precision("high")``): TF32's
         # 10-bit mantissa would reorder near ties and break exactness
@@ -360,7 +371,7 @@ def topk(queries: torch.Tensor | np.ndarray, docs: torch.Tensor | np.ndarray, k:
         try:
             torch.set_float32_matmul_precision("highest")
             with torch.no_grad():
-                out = _topk_torch(queries, docs, k, chunk_size, query_chunk_size, dev)
+                out = _topk_torch(queries, docs, k, chunk_size, query_chunk_size, dev, half)
         finally:
             torch.set_float32_matmul_precision(precision)
     else:

@@ -16,9 +16,16 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 TASK_KINDS = ("retrieval", "zeroshot")
-RELEVANCE_RULES = ("item_id", "field", "graded")
+RELEVANCE_RULES = ("item_id", "field", "graded", "fixed")
 GRADE_SCALES = ("none", "gcl", "reciprocal")
-QUERY_SAMPLING = ("uniform", "grade")
+QUERY_SAMPLING = ("uniform", "marqo", "all")
+QUERY_WEIGHTING = ("none", "grade")
+QUERY_WHITESPACE = ("strip", "collapse", "none")
+DUPLICATE_GRADE = ("max", "min")
+CAP_ORDER = ("stable", "marqo")
+MISSING_DOCS = ("drop", "keep")
+MULTI_IMAGE = ("first", "max", "min")
+SCORE_PRECISION = ("fp32", "fp16", "fp16_inputs")
 
 
 @dataclass
@@ -39,6 +46,17 @@ class RelevanceConfig:
     - ``graded``: (query, document) rows of the table give the grade in ``grade_field``; ``grade_scale``
       maps it to an integer qrel: ``none`` (rounded), ``gcl`` (min-max rescaled to 1..100 per split, as GCL's
       evaluation does), ``reciprocal`` (a 1-based position p -> round(100 / p)).
+    - ``fixed``: a fixed list of queries with their judgements from ``qrels_file``: a JSON ``{query text:
+      {doc id: grade}}`` (Marqo-FashionCLIP's ``gt_query_doc`` files, GCL's ``gt_results.json``), or TREC
+      qrels (``qid 0 docid grade``) with the texts in ``queries_file`` (``qid<TAB>text``, what every evaluation
+      writes under ``runs/``).
+
+    Edge rules (defaults: ours; the Marqo presets set Marqo's, see docs/eval-protocols.md):
+    ``max_relevant`` keeps at most that many judged rows per query (0 = all; Marqo: 1000), the first ones by
+    grade descending - ties in table order (``cap_order: stable``) or in the order pandas' default
+    (quicksort) ``sort_values`` leaves them (``marqo``); ``duplicate_grade`` is the grade kept when a (query,
+    document) pair is judged twice; ``missing_docs`` says whether a judged document absent from the corpus is
+    dropped (counted) or kept as relevant-but-unretrievable (Marqo; pytrec_eval then counts it).
     """
 
     rule: str = "item_id"
@@ -46,6 +64,13 @@ class RelevanceConfig:
     grade_field: str | None = None
     grade_scale: str = "none"
     min_grade: float = 1.0  # graded: qrels below this (after scaling) are not relevant
+    qrels_file: str | None = None  # fixed: JSON or TREC qrels, absolute or under eval.data_root
+    queries_file: str | None = None  # fixed, TREC qrels: qid<TAB>text
+    qrels_source: str | None = None  # where qrels_file comes from (named in the "missing file" message)
+    max_relevant: int = 0  # judged rows kept per query (0 = all)
+    cap_order: str = "stable"  # stable | marqo
+    duplicate_grade: str = "max"  # max | min
+    missing_docs: str = "drop"  # drop | keep
 
 
 @dataclass
@@ -72,7 +97,13 @@ class TaskConfig:
     relevance: RelevanceConfig = field(default_factory=RelevanceConfig)
     num_queries: int = 0  # seeded sample of queries (0 = all)
     unique_queries: bool = False  # queries are the unique values of the query field(s) (category-to-product)
-    query_sampling: str = "uniform"  # graded tasks: uniform | grade (weighted by the query's summed grade, GCL)
+    # uniform: numpy Generator seeded by (eval.seed, task name); marqo: numpy RandomState(eval.seed).choice over
+    # Marqo's sorted query keys (pandas DataFrame.sample, as GCL's evals do); all: every query.
+    query_sampling: str = "uniform"
+    query_weighting: str = "none"  # none | grade: draw probability proportional to the query's summed grade
+    query_whitespace: str = "strip"  # strip | collapse (and runs of whitespace -> one space) | none (as stored)
+    query_template: str = "{}"  # the text embedded for a query; "{}" <- the query, e.g. "a photo of {}"
+    multi_image: str = "first"  # several rows (images) of one item: first row only | max | min over its rows
     k: int = 100  # retrieval depth for the run (metrics at cut-offs above k are truncated at k)
     metrics: list[str] = field(default_factory=lambda: ["recall@1", "recall@10", "mrr@1000", "ndcg@10"])
     # --- zero-shot classification ---
@@ -115,6 +146,13 @@ class EvalConfig:
     num_workers: int = 0
     seed: int = 0
     chunk_size: int = 8192  # documents scored per matmul block (exact top-k, fp32)
+    # Token budget of every text field in this suite: null = the data config's per-field budgets (training's),
+    # 0 = the model's own context length, N = N tokens (capped at the model's). Marqo's evals use one budget.
+    context_length: int | None = None
+    # fp32 (exact) | fp16: vectors and scores rounded to fp16 (a half-precision GEMM, ties) | fp16_inputs:
+    # vectors rounded to fp16, fp32 scores. Ties are broken by document id (trec_eval) in every mode.
+    score_precision: str = "fp32"
+    write_runs: bool = True  # TREC run + qrels + queries files per retrieval task under <out>/runs/
     cache_dir: str | None = None  # embedding cache for standalone evaluation (null = no cache)
     sharded: bool = False  # in-loop: embed documents sharded across ranks + all_gather (else rank 0 only)
     # Extra per-task metrics, each the mean of listed ones, e.g. {avg_recall: [recall@1, recall@10]}

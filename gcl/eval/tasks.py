@@ -1,20 +1,20 @@
-"""Evaluation tasks: document sources, queries with their relevance judgements, fusion and scoring.
+"""Evaluation tasks: validation, document sources, fusion and scoring (queries live in ``gcl.eval.queries``).
 
 The pieces, in the order the runner (``gcl.eval.run``) uses them:
 
 * ``validate_tasks(cfg)`` - fail fast on a bad ``eval`` node, naming the key and the fix.
-* ``source_of(task, ...)`` -> a hashable ``SourceSpec``: tasks with equal specs share one embedding pass.
-* ``read_docs`` / ``TableReader`` - document metadata (strings per field) from shards or a Parquet/CSV/JSON table;
-  images are read lazily (``TableReader.images``) so big tables never hold all image bytes in memory.
-* ``build_queries(task, docs, seed, pairs)`` -> ``Queries``: ids, query strings, and pytrec_eval-style qrels
-  ``{qid: {doc_index_str: grade}}`` by the task's relevance rule (item_id | field | graded).
+* ``SourceSpec`` - a hashable document source: tasks with equal specs share one embedding pass.
+* ``TableReader`` - document metadata (strings per field) from a Parquet/CSV/JSON table; images are read
+  lazily (``TableReader.images``) so big tables never hold all image bytes in memory.
 * ``fuse(emb, present, fields, weights)`` - ``normalize(sum_k a_k normalize(f_k))``, missing fields dropped and
   the weights renormalised per row (the loss's side fusion).
-* ``score_retrieval(q, d, qrels, ...)`` - exact fp32 top-k (``gcl.eval.retrieval.topk``) -> run -> metrics
-  (``gcl.eval.metrics.compute``).
+* ``score_retrieval(q, d, qrels, ...)`` - exact top-k (``gcl.eval.retrieval.topk``) with trec_eval's tie rule
+  (document id descending) at every cut-off, optional fp16 emulation and per-item collapsing of several rows
+  -> run -> metrics (``gcl.eval.metrics.compute``).
 
-Document ids inside qrels/runs are the row numbers of the documents (as strings) in the source's canonical
-order (shards: sorted by sample key; tables: file order), so duplicated external ids can never collide.
+Document ids in qrels and runs are the documents' own ids (``DocSet.ids``: the table's ``doc_id_column``, a
+row number when there is none, a shard's sample key), made unique if a source repeats one, so run files are
+readable by any trec_eval user and ties fall the way trec_eval breaks them.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import os
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +36,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gcl.data.schema import stable_hash
 from gcl.eval.schema import (
+    CAP_ORDER,
+    DUPLICATE_GRADE,
     GRADE_SCALES,
+    MISSING_DOCS,
+    MULTI_IMAGE,
     QUERY_SAMPLING,
+    QUERY_WEIGHTING,
+    QUERY_WHITESPACE,
     RELEVANCE_RULES,
+    SCORE_PRECISION,
     TASK_KINDS,
 )
 
@@ -66,6 +72,11 @@ def _fail(key: str, msg: str) -> None:
     raise EvalConfigError(f"{key}: {msg}")
 
 
+def _one_of(key: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        _fail(key, f"{value!r} is not one of {tuple(allowed)}")
+
+
 def validate_tasks(cfg: Any) -> None:
     """Check an ``eval`` node (``EvalConfig`` or its DictConfig) before anything is built.
 
@@ -77,8 +88,7 @@ def validate_tasks(cfg: Any) -> None:
         if t.name in names:
             _fail(f"{key}.name", f"duplicate task name {t.name!r}")
         names.add(t.name)
-        if t.kind not in TASK_KINDS:
-            _fail(f"{key}.kind", f"{t.kind!r} is not one of {TASK_KINDS}")
+        _one_of(f"{key}.kind", t.kind, TASK_KINDS)
         sources = [s for s in ("split", "shards", "table") if getattr(t, s)]
         if len(sources) != 1:
             _fail(key, f"give exactly one document source of split / shards / table (got {sources or 'none'})")
@@ -87,58 +97,111 @@ def validate_tasks(cfg: Any) -> None:
         if t.num_queries < 0:
             _fail(f"{key}.num_queries", f"must be >= 0 (0 = all), got {t.num_queries}")
         if t.kind == "zeroshot":
-            if not t.labels_field:
-                _fail(f"{key}.labels_field", "a zeroshot task needs the field holding each document's label")
-            if not t.prompt_templates or any("{}" not in p for p in t.prompt_templates):
-                _fail(f"{key}.prompt_templates", "give at least one template, each with a '{}' for the label")
-            bad = [m for m in t.metrics if m not in ZEROSHOT_METRICS]
-            if bad:
-                _fail(f"{key}.metrics", f"{bad} are not zeroshot metrics; use some of {ZEROSHOT_METRICS}")
+            _validate_zeroshot(t, key)
             continue
-        for side in ("query", "doc"):
-            s = getattr(t, side)
-            if not s.fields:
-                _fail(f"{key}.{side}.fields", "a side needs at least one field")
-            if s.weights and len(s.weights) != len(s.fields):
-                _fail(f"{key}.{side}.weights", f"{len(s.weights)} weights for {len(s.fields)} fields "
-                      f"{list(s.fields)}; give one weight per field or none (equal weights)")
-            if any(w < 0 for w in s.weights) or (s.weights and sum(s.weights) <= 0):
-                _fail(f"{key}.{side}.weights", "weights must be >= 0 with a positive sum")
-        r = t.relevance
-        if r.rule not in RELEVANCE_RULES:
-            _fail(f"{key}.relevance.rule", f"{r.rule!r} is not one of {RELEVANCE_RULES}")
-        if r.grade_scale not in GRADE_SCALES:
-            _fail(f"{key}.relevance.grade_scale", f"{r.grade_scale!r} is not one of {GRADE_SCALES}")
-        if t.query_sampling not in QUERY_SAMPLING:
-            _fail(f"{key}.query_sampling", f"{t.query_sampling!r} is not one of {QUERY_SAMPLING}")
-        qtext = [f for f in t.query.fields if f != IMAGE]
-        if IMAGE in t.query.fields and (t.unique_queries or r.rule == "graded"):
-            _fail(f"{key}.query.fields", "image queries are per-document queries: unique_queries and graded "
-                  "relevance need text query fields")
-        if r.rule == "field" and not r.field and len(qtext) != 1:
-            _fail(f"{key}.relevance.field", "name the field whose equal values are relevant (the query side has "
-                  f"{len(qtext)} text fields, so it cannot default to the query field)")
-        if r.rule == "graded":
-            if not t.table:
-                _fail(f"{key}.table", "graded relevance reads (query, document, grade) rows from a table")
-            if not t.corpus:
-                _fail(f"{key}.corpus", "graded relevance needs the documents' table / JSON (GS-10M: corpus_N.json)")
-            if not r.grade_field:
-                _fail(f"{key}.relevance.grade_field", "graded relevance needs the grade column's field name")
-            if not t.doc_id_column:
-                _fail(f"{key}.doc_id_column", "graded relevance needs the document id column shared by the "
-                      "rows and the documents")
-        elif t.corpus:
-            _fail(f"{key}.corpus", "a separate corpus is only used by graded tasks (relevance.rule=graded)")
+        _validate_sides(t, key)
+        _validate_relevance(t, key)
+        _validate_protocol(t, key)
         bad = [m for m in t.metrics if m in ZEROSHOT_METRICS]
         if bad:
             _fail(f"{key}.metrics", f"{bad} are zeroshot metrics; a retrieval task reports ranking metrics")
+    _validate_suite(cfg, names)
+
+
+def _validate_zeroshot(t: Any, key: str) -> None:
+    if not t.labels_field:
+        _fail(f"{key}.labels_field", "a zeroshot task needs the field holding each document's label")
+    if not t.prompt_templates or any("{}" not in p for p in t.prompt_templates):
+        _fail(f"{key}.prompt_templates", "give at least one template, each with a '{}' for the label")
+    bad = [m for m in t.metrics if m not in ZEROSHOT_METRICS]
+    if bad:
+        _fail(f"{key}.metrics", f"{bad} are not zeroshot metrics; use some of {ZEROSHOT_METRICS}")
+
+
+def _validate_sides(t: Any, key: str) -> None:
+    for side in ("query", "doc"):
+        s = getattr(t, side)
+        if not s.fields:
+            _fail(f"{key}.{side}.fields", "a side needs at least one field")
+        if s.weights and len(s.weights) != len(s.fields):
+            _fail(f"{key}.{side}.weights", f"{len(s.weights)} weights for {len(s.fields)} fields "
+                  f"{list(s.fields)}; give one weight per field or none (equal weights)")
+        if any(w < 0 for w in s.weights) or (s.weights and sum(s.weights) <= 0):
+            _fail(f"{key}.{side}.weights", "weights must be >= 0 with a positive sum")
+    if IMAGE in t.query.fields and (t.unique_queries or t.relevance.rule in ("graded", "fixed")):
+        _fail(f"{key}.query.fields", "image queries are per-document queries: unique_queries, graded and fixed "
+              "relevance need text query fields")
+
+
+def _validate_relevance(t: Any, key: str) -> None:
+    r = t.relevance
+    _one_of(f"{key}.relevance.rule", r.rule, RELEVANCE_RULES)
+    _one_of(f"{key}.relevance.grade_scale", r.grade_scale, GRADE_SCALES)
+    _one_of(f"{key}.relevance.cap_order", r.cap_order, CAP_ORDER)
+    _one_of(f"{key}.relevance.duplicate_grade", r.duplicate_grade, DUPLICATE_GRADE)
+    _one_of(f"{key}.relevance.missing_docs", r.missing_docs, MISSING_DOCS)
+    if r.max_relevant < 0:
+        _fail(f"{key}.relevance.max_relevant", f"must be >= 0 (0 = every judged document), got {r.max_relevant}")
+    qtext = [f for f in t.query.fields if f != IMAGE]
+    if r.rule == "field" and not r.field and len(qtext) != 1:
+        _fail(f"{key}.relevance.field", "name the field whose equal values are relevant (the query side has "
+              f"{len(qtext)} text fields, so it cannot default to the query field)")
+    if r.rule == "graded":
+        if not t.table:
+            _fail(f"{key}.table", "graded relevance reads (query, document, grade) rows from a table")
+        if not t.corpus:
+            _fail(f"{key}.corpus", "graded relevance needs the documents' table / JSON (GS-10M: corpus_N.json)")
+        if not r.grade_field:
+            _fail(f"{key}.relevance.grade_field", "graded relevance needs the grade column's field name")
+        if not t.doc_id_column:
+            _fail(f"{key}.doc_id_column", "graded relevance needs the document id column shared by the "
+                  "rows and the documents")
+    elif t.corpus:
+        _fail(f"{key}.corpus", "a separate corpus is only used by graded tasks (relevance.rule=graded)")
+    if r.rule == "fixed":
+        if not r.qrels_file:
+            _fail(f"{key}.relevance.qrels_file", "fixed relevance reads its queries and judgements from a file: a "
+                  "JSON {query: {doc id: grade}} or TREC qrels (+ relevance.queries_file)")
+        if not str(r.qrels_file).lower().endswith(".json") and not r.queries_file:
+            _fail(f"{key}.relevance.queries_file", "TREC qrels hold query ids; name the qid<TAB>text file")
+        if len(qtext) != 1 or t.unique_queries:
+            _fail(f"{key}.query.fields", "a fixed query set embeds its query texts as one text field "
+                  "(and its queries are already unique: leave unique_queries false)")
+    elif r.qrels_file or r.queries_file:
+        _fail(f"{key}.relevance.qrels_file", "a qrels/queries file is only read by relevance.rule=fixed")
+
+
+def _validate_protocol(t: Any, key: str) -> None:
+    _one_of(f"{key}.query_sampling", t.query_sampling, QUERY_SAMPLING)
+    _one_of(f"{key}.query_weighting", t.query_weighting, QUERY_WEIGHTING)
+    _one_of(f"{key}.query_whitespace", t.query_whitespace, QUERY_WHITESPACE)
+    _one_of(f"{key}.multi_image", t.multi_image, MULTI_IMAGE)
+    grouped = t.unique_queries or t.relevance.rule in ("graded", "fixed")
+    if t.query_sampling == "marqo" and not grouped:
+        _fail(f"{key}.query_sampling", "marqo sampling draws from the sorted unique query keys, as GCL's evals "
+              "do; set unique_queries=true (or use graded / fixed relevance), or use uniform")
+    if t.query_sampling == "all" and t.num_queries:
+        _fail(f"{key}.num_queries", "query_sampling=all takes every query; set num_queries=0 or sample with "
+              "uniform / marqo")
+    if t.query_weighting == "grade" and t.query_sampling == "all":
+        _fail(f"{key}.query_weighting", "weights only matter when queries are sampled (uniform / marqo)")
+    if "{}" not in t.query_template:
+        _fail(f"{key}.query_template", f"{t.query_template!r} has no '{{}}' for the query text, e.g. 'a photo of {{}}'")
+    if t.multi_image != "first" and t.relevance.rule == "graded":
+        _fail(f"{key}.multi_image", "graded corpora hold one row per document; use first")
+
+
+def _validate_suite(cfg: Any, names: set[str]) -> None:
     for i, a in enumerate(cfg.aggregates):
         if not any(fnmatch.fnmatchcase(n, p) for p in a.tasks for n in names):
             _fail(f"eval.aggregates[{i}].tasks", f"{list(a.tasks)} match no task name (tasks: {sorted(names)})")
     g = cfg.gallery
     if g.enabled and g.task is not None and g.task not in names:
         _fail("eval.gallery.task", f"{g.task!r} is not a task name (tasks: {sorted(names)})")
+    _one_of("eval.score_precision", cfg.score_precision, SCORE_PRECISION)
+    if cfg.context_length is not None and cfg.context_length < 0:
+        _fail("eval.context_length", f"{cfg.context_length}: use null (the data config's budgets), 0 (the model's "
+              "context length) or a positive token count")
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -255,6 +318,39 @@ def to_text(value: Any, sep: str = ", ") -> str | None:
     return s or None
 
 
+def raw_text(value: Any, sep: str = ", ") -> str | None:
+    """A table cell's string exactly as stored (lists joined by ``sep``); None only if missing (None / NaN).
+    What Marqo's evaluation groups queries by (``query_whitespace: none``)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return sep.join(str(v) for v in value if v is not None)
+    return str(value)
+
+
+def unique_ids(ids: Sequence[str], where: str) -> list[str]:
+    """``ids`` with repeats made unique (``key``, ``key#2``, ...; logged): runs and qrels are keyed by id."""
+    seen: dict[str, int] = {}
+    out, dup = [], 0
+    taken = set(ids)
+    for i in ids:
+        n = seen.get(i, 0)
+        seen[i] = n + 1
+        if n == 0:
+            out.append(i)
+            continue
+        dup += 1
+        j, cand = n + 1, f"{i}#{n + 1}"
+        while cand in taken:
+            j += 1
+            cand = f"{i}#{j}"
+        taken.add(cand)
+        out.append(cand)
+    if dup:
+        log.warning("%s: %d repeated document ids renamed with a #n suffix (runs and qrels need unique ids)", where, dup)
+    return out
+
+
 @dataclass
 class DocSet:
     """The documents of one source, in canonical order (N of them).
@@ -264,6 +360,9 @@ class DocSet:
     ``rows_meta`` / ``row_doc``: when a table was de-duplicated by a document id (several rows per document,
     e.g. one per search query), the metadata of every row and the document index of each row; queries and
     relevance are built from the rows (a document is relevant when any of its rows matches). None otherwise.
+    ``raw_rows[f]``: ``{row: text as stored}`` for the rows (``rows_meta`` order, else document order) whose
+    stored text differs from ``meta``'s stripped one (e.g. ``" red dress"``, ``""``); None when unknown
+    (shards). ``ids`` are unique (repeats get a ``#n`` suffix).
     """
 
     ids: list[str]
@@ -273,6 +372,11 @@ class DocSet:
     present: dict[str, torch.Tensor] = field(default_factory=dict)
     rows_meta: dict[str, list[str | None]] | None = None
     row_doc: list[int] | None = None
+    raw_rows: dict[str, dict[int, str]] | None = None
+
+    def __post_init__(self) -> None:
+        if len(set(self.ids)) != len(self.ids):
+            self.ids = unique_ids(self.ids, "documents")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -327,6 +431,7 @@ class TableReader:
         self.ids = list(first)
         self.n = len(self.ids)
         self.rows_meta: dict[str, list[str | None]] = {}
+        self.raw_rows: dict[str, dict[int, str]] = {}  # see DocSet.raw_rows
         missing = []
         for f in [*meta_fields, *optional]:
             c = spec.column(f)
@@ -334,7 +439,12 @@ class TableReader:
                 if f not in optional:
                     missing.append(f"{f} (column {c!r})")
                 continue
-            self.rows_meta[f] = [to_text(v, list_sep) for v in df[c].tolist()]
+            values = df[c].tolist()
+            self.rows_meta[f] = [to_text(v, list_sep) for v in values]
+            raw = {r: x for r, (v, t) in enumerate(zip(values, self.rows_meta[f]))
+                   if (x := raw_text(v, list_sep)) is not None and x != t}
+            if raw:
+                self.raw_rows[f] = raw
         if missing:
             raise EvalConfigError(
                 f"{self._where()} lacks {missing}; its columns are {sorted(map(str, df.columns))}. Map the "
@@ -488,212 +598,6 @@ def collate_images(items: list[tuple[int, torch.Tensor | None, str]]) -> dict[st
     return {"index": [i for i, _ in ok], "image": torch.stack([t for _, t in ok]) if ok else None, "bad": bad}
 
 
-# ---------------------------------------------------------------------------------------------- queries
-
-@dataclass
-class Queries:
-    """Q queries of one task.
-
-    ``texts[f]``: Q strings (or None) per text query field; ``doc_rows``: for per-document queries the
-    document each query was drawn from (used for image query fields), else None. ``qrels``: pytrec_eval
-    dict ``{qid: {str(doc_index): grade >= 1}}``; every query has at least one relevant document.
-    """
-
-    ids: list[str]
-    texts: dict[str, list[str | None]]
-    qrels: dict[str, dict[str, int]]
-    doc_rows: list[int] | None = None
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def _rng(seed: int, name: str) -> np.random.Generator:
-    return np.random.default_rng([seed, stable_hash(name)])
-
-
-def _sample(n: int, k: int, rng: np.random.Generator, p: np.ndarray | None = None) -> list[int]:
-    """``k`` of ``range(n)`` without replacement (all when k <= 0 or k >= n), sorted."""
-    if k <= 0 or k >= n:
-        return list(range(n))
-    return sorted(int(i) for i in rng.choice(n, size=k, replace=False, p=p))
-
-
-def _query_value(texts: Mapping[str, list[str | None]], fields: Sequence[str], i: int) -> tuple | None:
-    vals = tuple(texts[f][i] for f in fields)
-    return None if all(v is None for v in vals) else vals
-
-
-def build_queries(task: Any, docs: DocSet, seed: int, pairs: Any = None) -> Queries:
-    """The task's queries and qrels over ``docs`` (see ``Queries``); sampling is seeded by (seed, task name).
-
-    Queries come from the documents' rows (``docs.rows_meta`` when the table was de-duplicated, else the
-    documents themselves). Per-row queries (default): each sampled row with a query field value is a query;
-    relevant are the documents with the row's item id (rule ``item_id``) or with a row whose
-    ``relevance.field`` equals the row's (rule ``field``). ``unique_queries``: each unique value (tuple) of
-    the query text fields is one query; relevant are the documents with a row whose ``relevance.field``
-    equals it (``field``; ``relevance.field`` defaults to the query field), or that share an item id with a
-    row having that value (``item_id``). Graded: see ``graded_queries``.
-    """
-    rule = task.relevance.rule
-    if rule == "graded":
-        if pairs is None:
-            raise EvalConfigError(f"task {task.name!r}: graded relevance needs the (query, doc, grade) table")
-        return graded_queries(task, docs, pairs, seed)
-    rng = _rng(seed, task.name)
-    qfields = [f for f in task.query.fields if f != IMAGE]
-    rel_field = task.relevance.field or (qfields[0] if len(qfields) == 1 else None)
-    rows = docs.rows_meta if docs.rows_meta is not None else docs.meta
-    row_doc = docs.row_doc if docs.row_doc is not None else list(range(len(docs)))
-    for f in qfields + ([rel_field] if rule == "field" and rel_field else []):
-        if f not in rows:
-            raise EvalConfigError(f"task {task.name!r}: documents have no field {f!r}")
-    n_rows = len(row_doc)
-    by_item: dict[str, set[int]] = defaultdict(set)
-    for d, it in enumerate(docs.item_ids):
-        by_item[it].add(d)
-    by_value: dict[str, set[int]] = defaultdict(set)
-    if rule == "field":
-        for r, v in enumerate(rows[rel_field]):
-            if v is not None:
-                by_value[v].add(row_doc[r])
-
-    def relevant(r: int) -> set[int]:
-        if rule == "field":
-            v = rows[rel_field][r]
-            return by_value.get(v, set()) if v is not None else set()
-        return by_item[docs.item_ids[row_doc[r]]]
-
-    dropped = 0
-    ids: list[str] = []
-    texts: dict[str, list[str | None]] = {f: [] for f in qfields}
-    qrels: dict[str, dict[str, int]] = {}
-    doc_rows: list[int] | None = None
-    if task.unique_queries:
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for r in range(n_rows):
-            v = _query_value(rows, qfields, r)
-            if v is not None:
-                groups[v].append(r)
-        values = sorted(groups, key=lambda t: tuple("" if x is None else x for x in t))
-        for j in _sample(len(values), task.num_queries, rng):
-            v = values[j]
-            rel = set().union(*(relevant(r) for r in groups[v]))
-            if not rel:
-                dropped += 1
-                continue
-            qid = f"q{len(ids)}"
-            ids.append(qid)
-            for f, x in zip(qfields, v):
-                texts[f].append(x)
-            qrels[qid] = {str(d): 1 for d in sorted(rel)}
-    else:
-        doc_rows = []
-        has_img = docs.present.get(IMAGE) if IMAGE in task.query.fields else None
-        cand = [r for r in range(n_rows)
-                if (qfields and _query_value(rows, qfields, r) is not None)
-                or (has_img is not None and bool(has_img[row_doc[r]]))]
-        for j in _sample(len(cand), task.num_queries, rng):
-            r = cand[j]
-            rel = relevant(r)
-            if not rel:
-                dropped += 1
-                continue
-            qid = f"q{len(ids)}"
-            ids.append(qid)
-            doc_rows.append(row_doc[r])
-            for f in qfields:
-                texts[f].append(rows[f][r])
-            qrels[qid] = {str(d): 1 for d in sorted(rel)}
-    if dropped:
-        log.warning("task %s: dropped %d queries without a relevant document", task.name, dropped)
-    return Queries(ids=ids, texts=texts, qrels=qrels, doc_rows=doc_rows)
-
-
-def scale_grades(grades: np.ndarray, scale: str) -> np.ndarray:
-    """Raw grades -> integer qrel grades (float array of integers).
-
-    ``none``: rounded. ``gcl``: min-max rescaled to 1..100 over the whole table and truncated, as GCL's
-    evaluation does (``int((g - min) / (max - min) * 99 + 1)``; all equal -> 1). ``reciprocal``: a 1-based
-    position p -> round(100 / p).
-    """
-    g = np.asarray(grades, dtype=np.float64)
-    if scale == "none":
-        return np.round(g)
-    if scale == "gcl":
-        finite = g[np.isfinite(g)]
-        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
-        if hi <= lo:
-            return np.where(np.isfinite(g), 1.0, np.nan)
-        return np.floor((g - lo) / (hi - lo) * 99.0 + 1.0)
-    if scale == "reciprocal":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(g >= 1, np.round(100.0 / g), np.nan)
-    raise EvalConfigError(f"unknown grade_scale {scale!r}; use one of {GRADE_SCALES}")
-
-
-def graded_queries(task: Any, docs: DocSet, pairs: Any, seed: int) -> Queries:
-    """Queries and graded qrels from a (query, document id, grade) table (the GS-10M CSV layout).
-
-    ``pairs`` is a DataFrame with the query text columns (``columns`` mapping applies), the document id
-    column ``doc_id_column`` and the grade column of ``relevance.grade_field``. Grades are scaled by
-    ``relevance.grade_scale``; pairs below ``relevance.min_grade`` or whose document is not in ``docs``
-    are dropped (counted). A query is identified by ``query_id_column`` when set, else by its text(s).
-    ``query_sampling: grade`` samples queries with probability proportional to their summed grade (GCL);
-    ``uniform`` samples uniformly. Duplicate (query, doc) pairs keep the highest grade.
-    """
-    r = task.relevance
-    cols = dict(task.columns)
-    qfields = list(task.query.fields)
-    qcols = [cols.get(f, f) for f in qfields]
-    gcol = cols.get(r.grade_field, r.grade_field)
-    need = qcols + [task.doc_id_column, gcol] + ([task.query_id_column] if task.query_id_column else [])
-    absent = [c for c in need if c not in pairs.columns]
-    if absent:
-        raise EvalConfigError(f"task {task.name!r}: relevance table lacks columns {absent} "
-                              f"(has {sorted(map(str, pairs.columns))})")
-    grades = scale_grades(np.asarray(pairs[gcol].astype(float)), r.grade_scale)
-    row_of = {d: i for i, d in enumerate(docs.ids)}
-    doc_rows = [row_of.get(str(d)) for d in pairs[task.doc_id_column].tolist()]
-    qtexts = [[to_text(v) for v in pairs[c].tolist()] for c in qcols]
-    qkeys = (pairs[task.query_id_column].astype(str).tolist() if task.query_id_column
-             else ["\x1f".join(t or "" for t in ts) for ts in zip(*qtexts)])
-    rel: dict[str, dict[int, int]] = {}
-    first: dict[str, int] = {}
-    no_doc = low = 0
-    for j, (qk, d, g) in enumerate(zip(qkeys, doc_rows, grades)):
-        if all(t[j] is None for t in qtexts):
-            continue
-        first.setdefault(qk, j)
-        if d is None:
-            no_doc += 1
-            continue
-        if not np.isfinite(g) or g < r.min_grade:
-            low += 1
-            continue
-        cur = rel.setdefault(qk, {})
-        cur[d] = max(cur.get(d, 0), int(g))
-    if no_doc:
-        log.warning("task %s: %d relevance rows name documents missing from the corpus (dropped)", task.name, no_doc)
-    if low:
-        log.info("task %s: %d relevance rows below min_grade=%s dropped", task.name, low, r.min_grade)
-    keys = sorted(rel)
-    p = None
-    if task.query_sampling == "grade":
-        w = np.array([sum(rel[k].values()) for k in keys], dtype=np.float64)
-        p = w / w.sum() if w.sum() > 0 else None
-    chosen = _sample(len(keys), task.num_queries, _rng(seed, task.name), p)
-    ids, texts, qrels = [], {f: [] for f in qfields}, {}
-    for j in chosen:
-        k = keys[j]
-        qid = f"q{len(ids)}"
-        ids.append(qid)
-        for f, col in zip(qfields, qtexts):
-            texts[f].append(col[first[k]])
-        qrels[qid] = {str(d): g for d, g in rel[k].items()}
-    return Queries(ids=ids, texts=texts, qrels=qrels)
-
-
 # ------------------------------------------------------------------------------------- fusion + scoring
 
 def side_weights(fields: Sequence[str], weights: Sequence[float]) -> list[float]:
@@ -726,40 +630,100 @@ def fuse(emb: Mapping[str, torch.Tensor], present: Mapping[str, torch.Tensor], f
     return F.normalize(total, dim=-1) * ok[:, None], ok
 
 
-def to_run(query_ids: Sequence[str], scores: torch.Tensor, indices: torch.Tensor,
-           valid: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
-    """Top-k (FloatTensor[Q,k], LongTensor[Q,k]) -> pytrec_eval run ``{qid: {str(doc_row): score}}``.
+def tie_order(ids: Sequence[str], valid: torch.Tensor | None = None,
+              units: Sequence[str] | None = None) -> torch.Tensor:
+    """LongTensor[M]: the rows of the documents that have a vector, sorted by id descending (by unit id, then
+    document id, when rows are grouped into units).
 
-    ``valid`` (BoolTensor[N]) drops documents that have no vector (all fields missing).
+    ``topk`` puts equal scores in ascending index order, so scoring the documents in this order breaks ties by
+    document id descending - trec_eval's rule - at every cut-off, including which tied documents make the
+    top k.
     """
-    run: dict[str, dict[str, float]] = {}
-    sc, ix = scores.tolist(), indices.tolist()
-    ok = None if valid is None else valid.tolist()
-    for q, s_row, i_row in zip(query_ids, sc, ix):
-        run[q] = {str(i): float(s) for s, i in zip(s_row, i_row) if i >= 0 and (ok is None or ok[i])}
-    return run
+    ok = valid.tolist() if valid is not None else None
+    rows = [i for i in range(len(ids)) if ok is None or ok[i]]
+    if units is None:
+        rows.sort(key=ids.__getitem__, reverse=True)
+    else:
+        rows.sort(key=lambda i: (units[i], ids[i]), reverse=True)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collapse(scores: list[list[float]], rows: list[list[int]], units: Sequence[str], k: int,
+             rule: str) -> tuple[list[dict[str, float]], list[list[int]]]:
+    """Per query, ranked rows -> ranked units (items): ``max`` scores an item by its best row, ``min`` by its
+    lowest row among the retrieved ones (Marqo-FashionCLIP's ``{item: score}`` dict over its top-k rows keeps
+    the last, i.e. lowest, row of an item). Returns ({unit: score} per query, the best row of each kept unit in
+    rank order). ``first`` (one row per unit) maps rows to units one to one."""
+    runs, shown = [], []
+    for s_row, r_row in zip(scores, rows):
+        best: dict[str, int] = {}
+        val: dict[str, float] = {}
+        for s, r in zip(s_row, r_row):
+            u = units[r]
+            if u not in best:
+                best[u], val[u] = r, s
+            elif rule == "min":
+                val[u] = min(val[u], s)
+        ranked = sorted(val.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)[:k]  # trec_eval's order
+        runs.append(dict(ranked))
+        shown.append([best[u] for u, _ in ranked])
+    return runs, shown
 
 
 def score_retrieval(q: torch.Tensor, d: torch.Tensor, qrels: Mapping[str, Mapping[str, int]],
                     query_ids: Sequence[str], *, k: int, metrics: Sequence[str], chunk_size: int,
-                    device: torch.device | str = "cpu",
-                    doc_valid: torch.Tensor | None = None) -> tuple[dict[str, float], dict[str, dict[str, float]],
-                                                                    torch.Tensor]:
-    """Exact fp32 retrieval of the top ``k`` documents per query, then the metrics.
+                    device: torch.device | str = "cpu", doc_valid: torch.Tensor | None = None,
+                    doc_ids: Sequence[str] | None = None, units: Sequence[str] | None = None,
+                    multi_image: str = "first", precision: str = "fp32",
+                    ) -> tuple[dict[str, float], dict[str, dict[str, float]], torch.Tensor]:
+    """Exact retrieval of the top ``k`` units per query (ties by id descending, as trec_eval), then the metrics.
 
     Args:
         q: FloatTensor[Q, D] normalized query vectors; d: FloatTensor[N, D] normalized document vectors.
-        qrels: ``{qid: {str(doc_row): grade}}`` for the ``query_ids`` (Q of them, in ``q``'s order).
-    Returns: (metric -> mean over queries, the run dict, LongTensor[Q, k'] of top document rows).
+        qrels: ``{qid: {unit id: grade}}`` for the ``query_ids`` (Q of them, in ``q``'s order).
+        doc_valid: BoolTensor[N], False for documents without a vector (never retrieved).
+        doc_ids: the N documents' ids (default: their row numbers); ``units``: each document's retrieval unit
+            (its item) when ``multi_image`` is ``max`` / ``min``, which score an item by its best / lowest row
+            (see ``collapse``; ``max`` retrieves enough rows that the top k items are exact).
+        precision: ``fp32`` | ``fp16`` (vectors and scores rounded to fp16, as a half-precision GEMM) |
+            ``fp16_inputs`` (vectors rounded to fp16, fp32 scores).
+    Returns: (metric -> mean over queries, the run ``{qid: {unit id: score}}``, LongTensor[Q, k'] of the
+    document row shown for each ranked unit, -1 where a query ranked fewer than k' units).
     """
     from gcl.eval.metrics import compute
     from gcl.eval.retrieval import topk
 
-    kk = min(k, d.shape[0])
-    scores, idx = topk(q.float(), d.float(), kk, chunk_size=chunk_size, device=device)
-    run = to_run(query_ids, scores, idx, doc_valid)
+    ids = list(doc_ids) if doc_ids is not None else [str(i) for i in range(d.shape[0])]
+    grouped = multi_image != "first"
+    if grouped and units is None:
+        raise ValueError(f"score_retrieval: multi_image={multi_image!r} needs each document's unit (item) id")
+    order = tie_order(ids, doc_valid, units if grouped else None)
+    dd, qq = d[order].float(), q.float()
+    if precision in ("fp16", "fp16_inputs"):
+        dd, qq = dd.half().float(), qq.half().float()
+    n = dd.shape[0]
+    per_unit = max(Counter(units[i] for i in order.tolist()).values(), default=1) if grouped else 1
+    kk = min(n, k * per_unit if multi_image == "max" else k)
+    if kk == 0:
+        run: dict[str, dict[str, float]] = {qid: {} for qid in query_ids}
+        top = torch.full((len(query_ids), 0), -1, dtype=torch.long)
+    else:
+        scores, idx = topk(qq, dd, kk, chunk_size=chunk_size, device=device,
+                           score_precision="fp16" if precision == "fp16" else "fp32")
+        rows = order[idx]
+        if grouped:
+            per_query, shown = collapse(scores.tolist(), rows.tolist(), units, k, multi_image)
+            run = dict(zip(query_ids, per_query))
+            width = max((len(x) for x in shown), default=0)
+            top = torch.full((len(query_ids), width), -1, dtype=torch.long)
+            for j, x in enumerate(shown):
+                top[j, : len(x)] = torch.tensor(x, dtype=torch.long)
+        else:
+            run = {qid: {ids[r]: s for s, r in zip(s_row, r_row)}
+                   for qid, s_row, r_row in zip(query_ids, scores.tolist(), rows.tolist())}
+            top = rows
     values = compute({qid: dict(qrels[qid]) for qid in query_ids}, run, list(metrics))
-    return {m: float(values[m]) for m in metrics}, run, idx
+    return {m: float(values[m]) for m in metrics}, run, top
 
 
 def add_means(values: dict[str, float], means: Mapping[str, Sequence[str]]) -> dict[str, float]:
@@ -783,3 +747,13 @@ def aggregate(per_task: Mapping[str, Mapping[str, float]], patterns: Sequence[st
     shared = set.intersection(*(set(per_task[n]) for n in names))
     wanted = [m for m in metrics if m in shared] if metrics else sorted(shared)
     return {m: float(np.mean([per_task[n][m] for n in names])) for m in wanted}, names
+
+
+def __getattr__(name: str) -> Any:
+    # Query building moved to gcl.eval.queries; the runner still reaches it through this module until it
+    # imports gcl.eval.queries itself.
+    if name in ("Queries", "build_queries", "graded_queries", "scale_grades"):
+        from gcl.eval import queries
+
+        return getattr(queries, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -71,6 +71,25 @@ def test_topk_one_ulp_above_threshold_enters_and_a_tie_does_not(backend: str) ->
         np.testing.assert_array_equal(i.numpy()[0], [*range(k - 1), 2 * k + 5])
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_topk_fp16_scores_are_rounded_before_selection(backend: str) -> None:
+    """score_precision="fp16": the contract of the fp32 path on scores rounded to fp16 (ties by index)."""
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(17, 16)).astype(np.float32)
+    d = rng.normal(size=(3000, 16)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    s16 = (q.astype(np.float64) @ d.astype(np.float64).T).astype(np.float32).astype(np.float16).astype(np.float64)
+    k = 50
+    ref_i = np.stack([np.lexsort((np.arange(d.shape[0]), -row))[:k] for row in s16])
+    s, i = topk(q, d, k, 256, backend=backend, device="cpu", score_precision="fp16")
+    np.testing.assert_array_equal(i.numpy(), ref_i)
+    np.testing.assert_array_equal(s.numpy(), np.take_along_axis(s16, ref_i, 1).astype(np.float32))
+    assert (np.diff(s.numpy(), axis=1) == 0).mean() > 0.05  # fp16 scores do tie often
+    with pytest.raises(ValueError, match="faiss"):
+        topk(q, d, k, backend="faiss", score_precision="fp16")
+
+
 def test_topk_random_normal_and_inputs() -> None:
     rng = np.random.default_rng(1)
     q = rng.standard_normal((40, 32)).astype(np.float32)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from gcl.eval import queries as Q
 from gcl.eval import tasks as T
 from gcl.eval.schema import EvalConfig, TaskConfig
 from gcl.eval.zeroshot import class_embeddings, classification_metrics, evaluate_zeroshot
@@ -71,45 +72,45 @@ def test_fuse_equal_weights_by_default():
 def test_item_id_rule_relevant_docs_share_the_item():
     d = docs({"title": ["red dress", "red dress back", None, "blue shirt", "hat"]},
              item_ids=["a", "a", "b", "c", "d"])
-    q = T.build_queries(task(relevance={"rule": "item_id"}), d, seed=0)
+    q = Q.build_queries(task(relevance={"rule": "item_id"}), d, seed=0)
     # Doc 2 has no title: no query from it; the others each give one.
     assert q.texts["title"] == ["red dress", "red dress back", "blue shirt", "hat"]
     assert q.doc_rows == [0, 1, 3, 4]
-    assert list(q.qrels.values()) == [{"0": 1, "1": 1}, {"0": 1, "1": 1}, {"3": 1}, {"4": 1}]
+    assert list(q.qrels.values()) == [{"d0": 1, "d1": 1}, {"d0": 1, "d1": 1}, {"d3": 1}, {"d4": 1}]
 
 
 def test_field_rule_unique_queries_are_the_field_values():
     d = docs({"category": ["dresses", "shoes", "dresses", None, "bags", "shoes"]})
     t = task(query={"fields": ["category"]}, relevance={"rule": "field"}, unique_queries=True)
-    q = T.build_queries(t, d, seed=0)
+    q = Q.build_queries(t, d, seed=0)
     assert q.texts["category"] == ["bags", "dresses", "shoes"]  # sorted unique values, None excluded
-    assert list(q.qrels.values()) == [{"4": 1}, {"0": 1, "2": 1}, {"1": 1, "5": 1}]
+    assert list(q.qrels.values()) == [{"d4": 1}, {"d0": 1, "d2": 1}, {"d1": 1, "d5": 1}]
     assert q.doc_rows is None
 
 
 def test_field_rule_by_another_field():
     # Per-document title queries, relevant = every document of the same category.
     d = docs({"title": ["a", "b", "c", "d"], "category": ["x", "y", "x", None]})
-    q = T.build_queries(task(relevance={"rule": "field", "field": "category"}), d, seed=0)
+    q = Q.build_queries(task(relevance={"rule": "field", "field": "category"}), d, seed=0)
     assert [q.texts["title"][i] for i in range(len(q))] == ["a", "b", "c"]  # "d" has no category: dropped
-    assert list(q.qrels.values()) == [{"0": 1, "2": 1}, {"1": 1}, {"0": 1, "2": 1}]
+    assert list(q.qrels.values()) == [{"d0": 1, "d2": 1}, {"d1": 1}, {"d0": 1, "d2": 1}]
 
 
 def test_rows_of_deduplicated_documents_all_count():
     # Two documents; document 0 appears in two rows (two search queries), as in GoogleShopping.
     d = docs({"query": ["shoes", "shoes"]}, rows_meta={"query": ["shoes", "bags", "shoes"]}, row_doc=[0, 0, 1])
     t = task(query={"fields": ["query"]}, relevance={"rule": "field"}, unique_queries=True)
-    q = T.build_queries(t, d, seed=0)
-    assert dict(zip(q.texts["query"], q.qrels.values())) == {"bags": {"0": 1}, "shoes": {"0": 1, "1": 1}}
+    q = Q.build_queries(t, d, seed=0)
+    assert dict(zip(q.texts["query"], q.qrels.values())) == {"bags": {"d0": 1}, "shoes": {"d0": 1, "d1": 1}}
 
 
 def test_query_sampling_is_seeded_and_per_task():
     d = docs({"title": [f"t{i}" for i in range(50)]})
-    a = T.build_queries(task(num_queries=10), d, seed=3).texts["title"]
-    assert a == T.build_queries(task(num_queries=10), d, seed=3).texts["title"]
+    a = Q.build_queries(task(num_queries=10), d, seed=3).texts["title"]
+    assert a == Q.build_queries(task(num_queries=10), d, seed=3).texts["title"]
     assert len(a) == 10 and len(set(a)) == 10
-    assert a != T.build_queries(task(num_queries=10), d, seed=4).texts["title"]
-    assert a != T.build_queries(task(name="other", num_queries=10), d, seed=3).texts["title"]
+    assert a != Q.build_queries(task(num_queries=10), d, seed=4).texts["title"]
+    assert a != Q.build_queries(task(name="other", num_queries=10), d, seed=3).texts["title"]
 
 
 # ------------------------------------------------------------------------------------------------ graded
@@ -118,10 +119,10 @@ def test_gcl_rescaling_matches_reference():
     g = [3.0, 10.0, 7.5, 3.0, 9.99]
     lo, hi = min(g), max(g)
     ref = [int((x - lo) / (hi - lo) * 99 + 1) for x in g]  # GCL: astype(int) truncates
-    assert T.scale_grades(g, "gcl").tolist() == ref
-    assert T.scale_grades([4.0, 4.0], "gcl").tolist() == [1.0, 1.0]
-    assert T.scale_grades([1, 2, 4], "reciprocal").tolist() == [100.0, 50.0, 25.0]
-    assert T.scale_grades([1.4, 2.6], "none").tolist() == [1.0, 3.0]
+    assert Q.scale_grades(g, "gcl").tolist() == ref
+    assert Q.scale_grades([4.0, 4.0], "gcl").tolist() == [1.0, 1.0]
+    assert Q.scale_grades([1, 2, 4], "reciprocal").tolist() == [100.0, 50.0, 25.0]
+    assert Q.scale_grades([1.4, 2.6], "none").tolist() == [1.0, 3.0]
 
 
 def test_graded_queries_qrels_and_weighted_sampling():
@@ -134,13 +135,13 @@ def test_graded_queries_qrels_and_weighted_sampling():
     })
     t = task(query={"fields": ["query"]}, table="x.csv", doc_id_column="product_id",
              relevance={"rule": "graded", "grade_field": "score", "grade_scale": "gcl"})
-    q = T.graded_queries(t, d, pairs, seed=0)
+    q = Q.graded_queries(t, d, pairs, seed=0)
     scaled = {s: int((s - 1) / 9 * 99 + 1) for s in (10.0, 5.0, 6.0, 1.0)}
     got = dict(zip(q.texts["query"], q.qrels.values()))
-    assert got == {"blue": {"1": scaled[6.0]}, "green": {"2": 1}, "red": {"0": 100, "1": scaled[5.0]}}
+    assert got == {"blue": {"B": scaled[6.0]}, "green": {"C": 1}, "red": {"A": 100, "B": scaled[5.0]}}
     # Grade-weighted sampling of 1 of 3 queries: "red" holds most of the grade mass.
-    t.num_queries, t.query_sampling = 1, "grade"
-    picks = [T.graded_queries(t, d, pairs, seed=s).texts["query"][0] for s in range(40)]
+    t.num_queries, t.query_weighting = 1, "grade"
+    picks = [Q.graded_queries(t, d, pairs, seed=s).texts["query"][0] for s in range(40)]
     assert picks.count("red") > picks.count("green") and len(set(picks)) >= 2
 
 
@@ -161,9 +162,10 @@ METRICS = ["recall@1", "recall@5", "precision@1", "precision@5", "ndcg@5", "map@
 def test_perfect_embeddings_give_perfect_metrics():
     n = 12
     d = docs({"title": [f"product {i}" for i in range(n)]})
-    q = T.build_queries(task(), d, seed=0)
+    q = Q.build_queries(task(), d, seed=0)
     emb = torch.eye(n)  # each product's title embeds exactly like its image
-    values, run, top = T.score_retrieval(emb[q.doc_rows], emb, q.qrels, q.ids, k=20, metrics=METRICS, chunk_size=5)
+    values, run, top = T.score_retrieval(emb[q.doc_rows], emb, q.qrels, q.ids, k=20, metrics=METRICS, chunk_size=5,
+                                         doc_ids=d.ids)
     assert values["recall@1"] == 1.0 and values["mrr"] == 1.0 and values["ndcg@5"] == 1.0
     assert values["precision@5"] == pytest.approx(0.2)
     assert top[:, 0].tolist() == q.doc_rows
@@ -176,10 +178,11 @@ def test_noisy_embeddings_match_pytrec_eval():
     cats = [random.Random(i).choice(["a", "b", "c", "d"]) for i in range(n)]
     d = docs({"category": cats, "title": [f"t{i}" for i in range(n)]})
     t = task(query={"fields": ["category"]}, relevance={"rule": "field"}, unique_queries=True)
-    q = T.build_queries(t, d, seed=0)
+    q = Q.build_queries(t, d, seed=0)
     demb = F.normalize(torch.randn(n, 8, generator=g), dim=-1)
     qemb = F.normalize(torch.randn(len(q), 8, generator=g), dim=-1)
-    values, run, _ = T.score_retrieval(qemb, demb, q.qrels, q.ids, k=20, metrics=METRICS, chunk_size=7)
+    values, run, _ = T.score_retrieval(qemb, demb, q.qrels, q.ids, k=20, metrics=METRICS, chunk_size=7,
+                                       doc_ids=d.ids)
     assert all(len(r) == 20 for r in run.values())
     assert values == pytest.approx(_pytrec(q.qrels, run, METRICS), abs=1e-9)
     assert 0 < values["recall@5"] < 1
@@ -187,8 +190,10 @@ def test_noisy_embeddings_match_pytrec_eval():
 
 def test_documents_without_vectors_are_not_retrieved():
     valid = torch.tensor([True, False, True])
-    run = T.to_run(["q"], torch.tensor([[0.9, 0.8, 0.7]]), torch.tensor([[1, 0, 2]]), valid)
-    assert run == {"q": pytest.approx({"0": 0.8, "2": 0.7})}
+    d = torch.tensor([[0.8, 0.6], [1.0, 0.0], [0.6, 0.8]])
+    _, run, top = T.score_retrieval(torch.tensor([[1.0, 0.0]]), d, {"q": {"b": 1}}, ["q"], k=3, metrics=["mrr"],
+                                    chunk_size=2, doc_valid=valid, doc_ids=["a", "b", "c"])
+    assert run == {"q": pytest.approx({"a": 0.8, "c": 0.6})} and top.tolist() == [[0, 2]]
 
 
 def test_means_and_aggregates():
