@@ -39,7 +39,8 @@ def write_hf_parquet(folder: Path, rows: list[dict], image_key: str = "image", r
 
 # ------------------------------------------------------------------------------------- marqo_fashion
 
-def _fashion_rows(n: int, cols: dict[str, list[str]], text: bool, str_ids: bool = False) -> list[dict]:
+def _fashion_rows(n: int, cols: dict[str, list[str]], text: bool, str_ids: bool = False,
+                  images_per_item: int = 1) -> list[dict]:
     rows = []
     first = next(iter(cols))
     for i in range(n):
@@ -50,7 +51,8 @@ def _fashion_rows(n: int, cols: dict[str, list[str]], text: bool, str_ids: bool 
         r["image"] = png(PALETTE[i % len(cols[first]) % len(PALETTE)])
         if text:
             r["text"] = f"{r.get('color', r.get('baseColour', 'plain'))} {cat} number {i}"
-        r["item_ID"] = f"{100000 + i}_{i % 3}" if str_ids else 1000 + i
+        item = i // images_per_item  # several rows (views) of one item, as DeepFashion-InShop has
+        r["item_ID"] = f"{100000 + item}_{item % 3}" if str_ids else 1000 + item
         rows.append(r)
     return rows
 
@@ -75,10 +77,38 @@ FASHION = {  # folder -> (columns with a few values each, has text)
 }
 
 
+# Marqo-FashionCLIP's ground-truth files: HF folder -> (its data/ folder name, [(query column, doc columns)])
+FASHION_GT = {
+    "atlas": ("Atlas", [("text", "image"), ("sub-category", "image+text")]),
+    "deepfashion-inshop": ("DeepFashion-InShop", [("text", "image"), ("category2", "image+text"),
+                                                  ("category3", "image+text"), ("color", "image+text")]),
+    "deepfashion-multimodal": ("DeepFashion-Multimodal", [("text", "image"), ("category2", "image+text")]),
+    "fashion200k": ("Fashion200k", [("text", "image"), ("category1", "image+text"), ("category2", "image+text"),
+                                    ("category3", "image+text")]),
+    "iMaterialist": ("iMaterialist", [("category", "image"), ("style", "image"), ("neckline", "image")]),
+    "KAGL": ("KAGL", [("text", "image"), ("category1", "image+text"), ("category2", "image+text"),
+                      ("category3", "image+text"), ("baseColour", "image+text"), ("season", "image+text"),
+                      ("usage", "image+text")]),
+    "polyvore": ("Polyvore", [("text", "image"), ("category", "image+text")]),
+}
+
+
 def build_marqo_fashion(root: Path, n: int = 18) -> Path:
-    """The seven Marqo fashion sets with their real columns, ``n`` products each."""
+    """The seven Marqo fashion sets with their real columns, ``n`` rows each (DeepFashion-InShop: two images per
+    item), and Marqo-FashionCLIP's ground-truth files ``marqo-FashionCLIP/data/<Set>/gt_query_doc/`` built the
+    way the repository's are: every value of the query column -> the item_IDs of its rows."""
     for folder, (cols, text) in FASHION.items():
-        write_hf_parquet(root / folder, _fashion_rows(n, cols, text, str_ids=folder == "polyvore"))
+        rows = _fashion_rows(n, cols, text, str_ids=folder == "polyvore",
+                             images_per_item=2 if folder == "deepfashion-inshop" else 1)
+        write_hf_parquet(root / folder, rows)
+        name, gts = FASHION_GT[folder]
+        for col, docs in gts:
+            gt: dict[str, dict[str, int]] = {}
+            for r in rows:
+                gt.setdefault(r[col], {})[str(r["item_ID"])] = 1
+            out = root / "marqo-FashionCLIP" / "data" / name / "gt_query_doc" / f"ground_truth_{col}-{docs}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(gt))
     return root
 
 
