@@ -11,7 +11,9 @@ Entry points:
 
 Metrics are flat: ``<suite>/<task>/<metric>`` per task and ``<suite>/<aggregate>/<metric>`` for the cross-task
 means. Files under ``out_dir``: per evaluation ``step_XXXXXX.json`` (flat metrics; ``metrics.json`` when
-``step`` is None) and a folder of the same stem with ``tasks/<task>.json``, ``results.md``, ``gallery.png``.
+``step`` is None) and a folder of the same stem with ``tasks/<task>.json``, ``results.md``, ``gallery.png`` and,
+per retrieval task, TREC files ``runs/<task>.run``, ``.qrels`` and ``.queries.tsv`` (``gcl.eval.trec``; what
+``python -m gcl.eval.compare`` reads).
 
 Distributed: by default rank 0 does all the work and broadcasts the metrics to every rank (the others
 wait), so every rank returns the same dict. With ``eval.sharded`` the document embedding (the expensive
@@ -21,7 +23,8 @@ gathered on rank 0 in canonical order, so results equal the single-process run u
 Lives here: the ``Evaluator`` (task sources, the document pass per source with its embedding cache, scoring,
 output files) and the entry points above. Not here: document loaders (``gcl.eval.sources``), the batch
 embedder (``gcl.eval.embed``), model loading for ``evaluate.py`` (``gcl.eval.load``), collectives
-(``gcl.distributed``), task definitions / queries / scoring (``gcl.eval.tasks``), metrics, reports.
+(``gcl.distributed``), task definitions / scoring (``gcl.eval.tasks``), queries (``gcl.eval.queries``),
+metrics, reports, TREC files (``gcl.eval.trec``).
 """
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ from typing import Any
 import torch
 
 from gcl.distributed import PeerFailure, broadcast_object, dist_or_none
+from gcl.eval import queries as Q
 from gcl.eval import tasks as T
+from gcl.eval import trec
 from gcl.eval.embed import Embedder
 from gcl.eval.load import load_model_for_eval
 from gcl.eval.report import GalleryRow, markdown_report, save_gallery
@@ -58,6 +63,8 @@ class _TaskResult:
     counts: dict[str, int]
     detail: dict[str, Any]
     gallery: list[GalleryRow] | None = None
+    run: dict[str, dict[str, float]] | None = None  # retrieval tasks: what the TREC files hold
+    queries: Q.Queries | None = None
 
 
 def _safe(name: str) -> str:
@@ -149,8 +156,36 @@ class Evaluator:
             return T.SourceSpec("table", tuple(str(p) for p in T.table_files(corpus)), cols, t.image_column,
                                 image_root, t.doc_id_column, t.max_docs)
         table = T.resolve_path(t.table, root, what=f"task {t.name!r} table", hint=t.hf_dataset)
+        # multi_image max/min scores every row (image) of an item: the rows stay documents, doc_id_column then
+        # only names the item (through columns.item_id) instead of de-duplicating the table
+        doc_id = t.doc_id_column if t.multi_image == "first" else None
         return T.SourceSpec("table", tuple(str(p) for p in T.table_files(table)), cols, t.image_column, image_root,
-                            t.doc_id_column, t.max_docs)
+                            doc_id, t.max_docs)
+
+    def relevance_input(self, t: Any) -> Any:
+        """What a task's relevance rule reads besides the documents: the (query, doc, grade) table (graded), the
+        fixed query set (fixed), else None."""
+        root, r = self.cfg.data_root, t.relevance
+        if r.rule == "graded":
+            table = T.resolve_path(t.table, root, what=f"task {t.name!r} table", hint=t.hf_dataset)
+            return T.read_table(T.table_files(table))
+        if r.rule == "fixed":
+            hint = r.qrels_source or t.hf_dataset
+            qrels = T.resolve_path(r.qrels_file, root, what=f"task {t.name!r} relevance.qrels_file", hint=hint)
+            texts = (T.resolve_path(r.queries_file, root, what=f"task {t.name!r} relevance.queries_file", hint=hint)
+                     if r.queries_file else None)
+            return Q.load_fixed_queries(qrels, texts)
+        return None
+
+    def budgets(self, bundle: Any) -> tuple[dict[str, int], int]:
+        """Token budgets (per field, default) for this suite: ``eval.context_length`` when set (0 = the model's
+        own), else the data config's per-field budgets; the Embedder caps them at the model's."""
+        n = self.cfg.context_length
+        if n is None:
+            return self.context_length, self.default_context_length
+        if n == 0:
+            return {}, int(getattr(bundle, "context_length", None) or self.default_context_length)
+        return {}, int(n)
 
     # -- main
     def __call__(self, encoder: Any, bundle: Any, *, step: int | None = None, out_dir: str | os.PathLike | None = None,
@@ -165,9 +200,9 @@ class Evaluator:
         if device is None:
             device = next(bundle.model.parameters()).device
         device = torch.device(device)
-        emb = Embedder(encoder, bundle.tokenizer, self.context_length, self.default_context_length, device,
-                       int(self.cfg.batch_size), getattr(bundle, "context_length", None),
-                       getattr(bundle, "pad_id", 0))
+        ctx, default_ctx = self.budgets(bundle)
+        emb = Embedder(encoder, bundle.tokenizer, ctx, default_ctx, device, int(self.cfg.batch_size),
+                       getattr(bundle, "context_length", None), getattr(bundle, "pad_id", 0))
         result: dict[str, Any]
         try:
             metrics = self._evaluate(emb, bundle, step=step, out_dir=out_dir, rank=rank, world_size=world_size,
@@ -210,13 +245,8 @@ class Evaluator:
                     continue
                 log.info("eval %s: embedded %d documents (%s) in %.1fs", suite, len(docs),
                          ", ".join(sorted(needs.embed)), time.perf_counter() - ts)
-                pairs = None
                 for t in tasks:
-                    if t.relevance.rule == "graded":
-                        ptable = T.resolve_path(t.table, self.cfg.data_root, what=f"task {t.name!r} table",
-                                                hint=t.hf_dataset)
-                        pairs = T.read_table(T.table_files(ptable))
-                    res = self._run_task(t, docs, emb, src, pairs if t.relevance.rule == "graded" else None)
+                    res = self._run_task(t, docs, emb, src, None if t.kind == "zeroshot" else self.relevance_input(t))
                     results[t.name] = res
                     per_task[t.name] = T.add_means(res.metrics, dict(self.cfg.means))
             except PeerFailure:
@@ -257,16 +287,20 @@ class Evaluator:
                 log.info("eval: document embeddings of %s from the cache (%s)", spec.location[0], key[:12])
                 if isinstance(src, TableDocs):
                     src.reader = T.TableReader(spec, sorted(needs.meta), list_sep=self.list_sep, optional=(T.ITEM_ID,))
+                raw = side.get("raw_rows")  # JSON object keys are strings: back to row numbers
                 return T.DocSet(ids=side["ids"], item_ids=side["item_ids"], meta=side["meta"],
                                 emb={f[4:]: v for f, v in tensors.items() if f.startswith("emb/")},
                                 present={f[8:]: v.bool() for f, v in tensors.items() if f.startswith("present/")},
-                                rows_meta=side.get("rows_meta"), row_doc=side.get("row_doc"))
+                                rows_meta=side.get("rows_meta"), row_doc=side.get("row_doc"),
+                                raw_rows={f: {int(r): x for r, x in v.items()} for f, v in raw.items()}
+                                if raw is not None else None)
         docs = src.load(emb, needs, **kwargs)
         if key is not None and docs is not None:
             tensors = {**{f"emb/{f}": v for f, v in docs.emb.items()},
                        **{f"present/{f}": v for f, v in docs.present.items()}}
             self.cache.put(key, tensors, {"ids": docs.ids, "item_ids": docs.item_ids, "meta": docs.meta,
-                                          "rows_meta": docs.rows_meta, "row_doc": docs.row_doc})
+                                          "rows_meta": docs.rows_meta, "row_doc": docs.row_doc,
+                                          "raw_rows": docs.raw_rows})
         return docs
 
     def _cache_key(self, spec: T.SourceSpec, needs: SourceNeeds, emb: Embedder, bundle: Any) -> str | None:
@@ -295,14 +329,14 @@ class Evaluator:
                   "doc_id_column": spec.doc_id_column, "max_docs": spec.max_docs, "embed": sorted(needs.embed),
                   "meta": sorted(needs.meta), "list_sep": self.list_sep,
                   "context": {f: emb.context_length(f) for f in sorted(needs.embed | needs.meta) if f != IMAGE},
-                  "tokenizer": type(emb.tokenizer).__name__, "version": 1})
+                  "tokenizer": type(emb.tokenizer).__name__, "version": 2})
 
     # -- one task
-    def _run_task(self, t: Any, docs: T.DocSet, emb: Embedder, src: Any, pairs: Any) -> _TaskResult:
+    def _run_task(self, t: Any, docs: T.DocSet, emb: Embedder, src: Any, relevance_input: Any) -> _TaskResult:
         ts = time.perf_counter()
         if t.kind == "zeroshot":
             return self._run_zeroshot(t, docs, emb)
-        queries = T.build_queries(t, docs, int(self.cfg.seed), pairs)
+        queries = Q.build_queries(t, docs, int(self.cfg.seed), relevance_input)
         if not len(queries):
             raise T.EvalConfigError(f"task {t.name!r}: no queries (no document has the query fields "
                                     f"{list(t.query.fields)} with a relevant document)")
@@ -313,7 +347,7 @@ class Evaluator:
                 rows = torch.tensor(queries.doc_rows, dtype=torch.long)
                 qemb[f], qpresent[f] = docs.emb[IMAGE][rows], docs.present[IMAGE][rows]
             else:
-                qemb[f], qpresent[f] = emb.optional_strings(queries.texts[f], f)
+                qemb[f], qpresent[f] = emb.optional_strings(queries.embedded(f), f)
         q, q_ok = T.fuse(qemb, qpresent, list(t.query.fields), list(t.query.weights))
         d, d_ok = T.fuse(docs.emb, docs.present, list(t.doc.fields), list(t.doc.weights))
         if not bool(q_ok.all()):
@@ -322,19 +356,21 @@ class Evaluator:
         if n_bad:
             log.warning("task %s: %d of %d documents have none of the fields %s and cannot be retrieved", t.name,
                         n_bad, len(docs), list(t.doc.fields))
+        units = Q.unit_ids(t, docs)
         metrics, run, top = T.score_retrieval(q, d, queries.qrels, queries.ids, k=int(t.k), metrics=list(t.metrics),
                                              chunk_size=int(self.cfg.chunk_size), device=emb.device,
-                                             doc_valid=d_ok)
+                                             doc_valid=d_ok, doc_ids=docs.ids, units=units,
+                                             multi_image=t.multi_image, precision=self.cfg.score_precision)
         counts = {"queries": len(queries), "docs": len(docs)}
         detail = {"examples": [
             {"query": _query_text(queries, j), "relevant": len(queries.qrels[qid]),
-             "top": [docs.ids[int(i)] for i in top[j, :5]]}
+             "top": [units[int(i)] for i in top[j, :5] if i >= 0]}
             for j, qid in enumerate(queries.ids[:5])]}
         gallery = None
         if t.name == self.gallery_task:
-            gallery = self._gallery(queries, top, docs, src)
+            gallery = self._gallery(queries, top, docs, units, src)
         log.info("task %s: %d queries x %d docs in %.1fs", t.name, len(queries), len(docs), time.perf_counter() - ts)
-        return _TaskResult(metrics, counts, detail, gallery)
+        return _TaskResult(metrics, counts, detail, gallery, run if self.cfg.write_runs else None, queries)
 
     def _run_zeroshot(self, t: Any, docs: T.DocSet, emb: Embedder) -> _TaskResult:
         labels = docs.meta[t.labels_field]
@@ -344,13 +380,15 @@ class Evaluator:
                                                 docs.present.get(IMAGE))
         return _TaskResult(metrics, {"docs": len(rows), "classes": len(names)}, {"classes": names})
 
-    def _gallery(self, queries: T.Queries, top: torch.Tensor, docs: T.DocSet, src: Any) -> list[GalleryRow]:
+    def _gallery(self, queries: Q.Queries, top: torch.Tensor, docs: T.DocSet, units: list[str],
+                 src: Any) -> list[GalleryRow]:
         g = self.cfg.gallery
         n = min(int(g.num_queries), len(queries))
         gen = torch.Generator().manual_seed(int(self.cfg.seed))
         pick = sorted(torch.randperm(len(queries), generator=gen)[:n].tolist())
         k = min(int(g.k), top.shape[1])
-        want = [docs.ids[int(i)] for j in pick for i in top[j, :k]]
+        shown = {j: [int(i) for i in top[j, :k] if i >= 0] for j in pick}  # -1: fewer ranked units than k
+        want = [docs.ids[i] for j in pick for i in shown[j]]
         try:
             imgs = dict(zip(want, src.images(want)))
         except Exception as exn:  # noqa: BLE001 - the gallery must never fail an evaluation
@@ -358,11 +396,9 @@ class Evaluator:
             imgs = {}
         rows = []
         for j in pick:
-            qid = queries.ids[j]
-            ids = [int(i) for i in top[j, :k]]
-            rows.append(GalleryRow(query=_query_text(queries, j), images=[imgs.get(docs.ids[i]) for i in ids],
-                                   hits=[str(i) in queries.qrels[qid] for i in ids],
-                                   n_relevant=len(queries.qrels[qid])))
+            judged = queries.qrels[queries.ids[j]]
+            rows.append(GalleryRow(query=_query_text(queries, j), images=[imgs.get(docs.ids[i]) for i in shown[j]],
+                                   hits=[judged.get(units[i], 0) > 0 for i in shown[j]], n_relevant=len(judged)))
         return rows
 
     # -- outputs
@@ -374,8 +410,10 @@ class Evaluator:
         _write_json(flat, out_dir / f"{stem}.json")
         for name, r in results.items():
             cfg = next(_plain(t) for t in self.tasks if t.name == name)
+            files = _write_trec(base, _safe(name), r) if r.run is not None else None
             _write_json({"suite": suite, "task": name, "step": step, "metrics": per_task[name], "counts": r.counts,
-                         **r.detail, "config": cfg}, base / "tasks" / f"{_safe(name)}.json")
+                         **r.detail, **({"files": files} if files else {}), "config": cfg},
+                        base / "tasks" / f"{_safe(name)}.json")
         md = markdown_report(suite, per_task, aggs, model=_model_name(bundle), step=step,
                              counts={n: r.counts for n, r in results.items()})
         (base / "results.md").write_text(md)
@@ -385,7 +423,17 @@ class Evaluator:
                              title=f"{suite}/{name}" + (f" @ step {step}" if step is not None else ""))
 
 
-def _query_text(queries: T.Queries, j: int) -> str:
+def _write_trec(base: Path, stem: str, r: _TaskResult) -> dict[str, str]:
+    """A retrieval task's run, qrels and query texts as TREC files under ``base/runs``; their paths (relative)."""
+    assert r.run is not None and r.queries is not None
+    files = {"run": f"runs/{stem}.run", "qrels": f"runs/{stem}.qrels", "queries": f"runs/{stem}.queries.tsv"}
+    trec.write_run(base / files["run"], r.run)
+    trec.write_qrels(base / files["qrels"], r.queries.qrels)
+    trec.write_queries(base / files["queries"], {qid: _query_text(r.queries, j) for j, qid in enumerate(r.queries.ids)})
+    return files
+
+
+def _query_text(queries: Q.Queries, j: int) -> str:
     parts = [f"{f}: {v[j]}" if len(queries.texts) > 1 else str(v[j])
              for f, v in queries.texts.items() if v[j] is not None]
     if queries.doc_rows is not None and not parts:

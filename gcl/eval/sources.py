@@ -44,7 +44,7 @@ def source_needs(tasks: Sequence[Any]) -> SourceNeeds:
             n.embed.add(IMAGE)
             continue
         n.embed.update(t.doc.fields)
-        if t.relevance.rule != "graded":  # graded queries come from the relevance table, not the documents
+        if t.relevance.rule not in ("graded", "fixed"):  # those queries come from a relevance file instead
             n.meta.update(f for f in t.query.fields if f != IMAGE)
         if IMAGE in t.query.fields:
             n.embed.add(IMAGE)
@@ -181,7 +181,7 @@ class TableDocs:
             parts_emb[f], parts_present[f] = emb.optional_strings(reader.meta[f], f)
         return T.DocSet(ids=reader.ids, item_ids=reader.item_ids(), meta=dict(reader.meta), emb=parts_emb,
                         present=parts_present, rows_meta=reader.rows_meta if reader.deduped else None,
-                        row_doc=reader.row_doc)
+                        row_doc=reader.row_doc, raw_rows=reader.raw_rows)
 
     def _local(self, emb: Embedder, needs: SourceNeeds, image_transform: Any, num_workers: int, list_sep: str,
                rank: int, world_size: int, sharded: bool) -> tuple | None:

@@ -748,12 +748,3 @@ def aggregate(per_task: Mapping[str, Mapping[str, float]], patterns: Sequence[st
     wanted = [m for m in metrics if m in shared] if metrics else sorted(shared)
     return {m: float(np.mean([per_task[n][m] for n in names])) for m in wanted}, names
 
-
-def __getattr__(name: str) -> Any:
-    # Query building moved to gcl.eval.queries; the runner still reaches it through this module until it
-    # imports gcl.eval.queries itself.
-    if name in ("Queries", "build_queries", "graded_queries", "scale_grades"):
-        from gcl.eval import queries
-
-        return getattr(queries, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytrec_eval
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from gcl.eval import trec
 from gcl.eval.run import Evaluator, evaluate_model, load_model_for_eval
 from gcl.eval.schema import EvalConfig
 from gcl.eval.tasks import MissingDataError
@@ -58,6 +60,16 @@ def check_outputs(out: Path, metrics: dict[str, float], cfg, stem: str = "metric
         d = json.loads(f.read_text())
         per_task[d["task"]] = d
         assert d["counts"]["docs"] > 0
+        if d["config"]["kind"] == "retrieval":  # TREC files that re-score to the reported metrics (pytrec_eval)
+            run, qrels = trec.read_run(base / d["files"]["run"]), trec.read_qrels(base / d["files"]["qrels"])
+            assert set(trec.read_queries(base / d["files"]["queries"])) == set(qrels)
+            ms = [m for m in d["config"]["metrics"] if m.startswith(("recall@", "precision@", "ndcg@"))]
+            trec_names = {m: m.replace("recall@", "recall_").replace("precision@", "P_").replace("ndcg@", "ndcg_cut_")
+                          for m in ms}
+            measures = {f"{t.rpartition('_')[0]}.{t.rpartition('_')[2]}" for t in trec_names.values()}
+            ev = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+            for m in ms:
+                assert d["metrics"][m] == pytest.approx(sum(v[trec_names[m]] for v in ev.values()) / len(ev)), m
     md = (base / "results.md").read_text()
     for t in cfg.tasks:
         assert t.name.rpartition("/")[2] in md
@@ -78,6 +90,12 @@ def test_marqo_fashion_preset(tmp_path, bundle):
     assert per_task["KAGL/category2product"]["counts"]["queries"] == 2
     assert per_task["DeepFashion-InShop/subcategory2product"]["counts"]["queries"] == 4
     assert per_task["iMaterialist/neckline2image"]["counts"]["queries"] == 3
+    # DeepFashion-InShop: 2 images (rows) per item, each scored; an item ranks by its lowest row in the top 10
+    # (multi_image: min, Marqo-FashionCLIP's run dict), so the run holds item_IDs, fewer than 10 per query
+    d = per_task["DeepFashion-InShop/text2image"]
+    assert d["counts"]["docs"] == 18
+    run = trec.read_run(tmp_path / "out" / d["files"]["run"])
+    assert all(0 < len(r) < 10 and set(r) <= {str(1000 + i) for i in range(9)} for r in run.values())
     # The leaderboard averages: text-to-image over the 6 sets that have it (not iMaterialist).
     t2i = [t.name for t in cfg.tasks if t.name.endswith("/text2image")]
     assert len(t2i) == 6
@@ -101,6 +119,8 @@ def test_marqo_ecommerce_preset_deduplicates_products(tmp_path, bundle):
     # 20 rows, 16 distinct item_IDs: one document per product; 3 category queries, 16 unique titles.
     assert per_task["GoogleShopping/category2image"]["counts"] == {"queries": 3, "docs": 16}
     assert per_task["GoogleShopping/text2image"]["counts"] == {"queries": 16, "docs": 16}
+    for m in ("err", "rbp@0.7", "rbp@0.8", "rbp@0.9"):  # the summary of Marqo's script
+        assert 0 < metrics[f"marqo_ecommerce/GoogleShopping/text2image/{m}"] <= 1
     # k=1000 > 16 documents: every document is retrieved, so recall over the full list is 1 -> map > 0.
     assert metrics["marqo_ecommerce/GoogleShopping/category2image/map@1000"] > 0
 
@@ -288,6 +308,7 @@ def test_two_ranks_rank0_and_sharded_match_single_process(tmp_path):
     fashion = OmegaConf.load(REPO / "conf" / "eval" / "marqo_fashion.yaml")
     cfg = OmegaConf.merge(syn, {
         "num_workers": 0, "batch_size": 8, "data_root": str(tmp_path / "data"), "aggregates": [],
+        "params": fashion.params,  # where the fashion tasks find their ground-truth files
         "tasks": [t for t in syn.tasks if t.name in ("text2image_title", "category2product", "zeroshot_subcategory")]
         + [t for t in fashion.tasks if t.name in ("KAGL/text2image", "KAGL/color2product")]})
     OmegaConf.save(cfg, tmp_path / "eval.yaml")
@@ -361,6 +382,7 @@ def test_sharded_eval_failure_on_one_rank_fails_every_rank_without_hanging(tmp_p
     fashion = OmegaConf.load(REPO / "conf" / "eval" / "marqo_fashion.yaml")
     cfg = OmegaConf.merge(syn, {  # two sources, both gathered in sharded mode: shards, then a table with images
         "num_workers": 0, "batch_size": 8, "data_root": str(tmp_path / "data"), "aggregates": [],
+        "params": fashion.params,  # where the fashion tasks find their ground-truth files
         "tasks": [t for t in syn.tasks if t.name == "text2image_title"]
         + [t for t in fashion.tasks if t.name == "KAGL/text2image"]})
     OmegaConf.save(cfg, tmp_path / "eval.yaml")
