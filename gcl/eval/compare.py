@@ -175,10 +175,23 @@ def load_evaluation(path: str | os.PathLike) -> tuple[dict[str, TaskRun], list[s
             continue
         out[d["task"]] = TaskRun(qrels=trec.read_qrels(base / files["qrels"]), run=trec.read_run(base / files["run"]),
                                  queries=trec.read_queries(base / files["queries"]) if files.get("queries") else {},
-                                 metrics=list(d["metrics"]))
+                                 metrics=_ranking_metrics(d))
     if not out and not skipped:
         raise FileNotFoundError(f"{base / 'tasks'}: no task files")
     return out, skipped
+
+
+def _ranking_metrics(task_json: dict) -> list[str]:
+    """The task's configured ranking metrics (not the derived means such as avg_recall)."""
+    names = (task_json.get("config") or {}).get("metrics") or list(task_json.get("metrics", {}))
+    out = []
+    for m in names:
+        try:
+            M.parse_metric(m)
+        except ValueError:
+            continue
+        out.append(m)
+    return out
 
 
 def _check_same_queries(task: str, runs: Sequence[TaskRun], names: Sequence[str]) -> None:

@@ -162,19 +162,27 @@ class Evaluator:
         return T.SourceSpec("table", tuple(str(p) for p in T.table_files(table)), cols, t.image_column, image_root,
                             doc_id, t.max_docs)
 
-    def relevance_input(self, t: Any) -> Any:
-        """What a task's relevance rule reads besides the documents: the (query, doc, grade) table (graded), the
-        fixed query set (fixed), else None."""
+    def relevance_paths(self, t: Any) -> list[Path]:
+        """The files a task's relevance rule reads besides the documents (resolved; MissingDataError with a fix):
+        the (query, doc, grade) table (graded), the qrels file and its query texts (fixed), else none."""
         root, r = self.cfg.data_root, t.relevance
+        if t.kind != "retrieval":
+            return []
         if r.rule == "graded":
-            table = T.resolve_path(t.table, root, what=f"task {t.name!r} table", hint=t.hf_dataset)
-            return T.read_table(T.table_files(table))
+            return [T.resolve_path(t.table, root, what=f"task {t.name!r} table", hint=t.hf_dataset)]
         if r.rule == "fixed":
             hint = r.qrels_source or t.hf_dataset
-            qrels = T.resolve_path(r.qrels_file, root, what=f"task {t.name!r} relevance.qrels_file", hint=hint)
-            texts = (T.resolve_path(r.queries_file, root, what=f"task {t.name!r} relevance.queries_file", hint=hint)
-                     if r.queries_file else None)
-            return Q.load_fixed_queries(qrels, texts)
+            return [T.resolve_path(f, root, what=f"task {t.name!r} relevance.{key}", hint=hint)
+                    for key, f in (("qrels_file", r.qrels_file), ("queries_file", r.queries_file)) if f]
+        return []
+
+    def relevance_input(self, t: Any) -> Any:
+        """What a task's relevance rule reads: the graded table's DataFrame, the FixedQueries, else None."""
+        paths = self.relevance_paths(t)
+        if t.relevance.rule == "graded":
+            return T.read_table(T.table_files(paths[0]))
+        if t.relevance.rule == "fixed":
+            return Q.load_fixed_queries(*paths)
         return None
 
     def budgets(self, bundle: Any) -> tuple[dict[str, int], int]:
@@ -226,6 +234,8 @@ class Evaluator:
             return None
         suite = self.cfg.name
         specs = {t.name: self.source_spec(t) for t in self.tasks}
+        for t in self.tasks:  # a missing relevance file fails now, not after the documents are embedded
+            self.relevance_paths(t)
         order: list[T.SourceSpec] = list(dict.fromkeys(specs.values()))
         per_task: dict[str, dict[str, float]] = {}
         results: dict[str, _TaskResult] = {}
@@ -246,7 +256,7 @@ class Evaluator:
                 log.info("eval %s: embedded %d documents (%s) in %.1fs", suite, len(docs),
                          ", ".join(sorted(needs.embed)), time.perf_counter() - ts)
                 for t in tasks:
-                    res = self._run_task(t, docs, emb, src, None if t.kind == "zeroshot" else self.relevance_input(t))
+                    res = self._run_task(t, docs, emb, src, self.relevance_input(t))
                     results[t.name] = res
                     per_task[t.name] = T.add_means(res.metrics, dict(self.cfg.means))
             except PeerFailure:

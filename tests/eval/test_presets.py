@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from gcl.eval import trec
+from gcl.eval.compare import compare
 from gcl.eval.run import Evaluator, evaluate_model, load_model_for_eval
 from gcl.eval.schema import EvalConfig
 from gcl.eval.tasks import MissingDataError
@@ -159,6 +160,10 @@ def test_synthetic_preset(tmp_path, bundle):
     assert "synthetic/text2image_title/recall@1" in metrics
     assert "synthetic/zeroshot_subcategory/f1_weighted" in metrics
     assert "synthetic/avg/retrieval/mrr@10" in metrics
+    # the files compare reads: an evaluation against itself is a zero delta everywhere, zero-shot skipped
+    rows, notes = compare([tmp_path / "out"], [tmp_path / "out" / "step_000003"], n_boot=200, n_perm=200)
+    assert len(rows) == sum(len(t.metrics) for t in cfg.tasks if t.kind == "retrieval")
+    assert all(r.delta == 0 and r.p_value == 1 for r in rows) and "zeroshot_subcategory" in notes[0]
 
 
 def test_presets_fail_clearly_without_data(tmp_path, bundle):
@@ -170,6 +175,12 @@ def test_presets_fail_clearly_without_data(tmp_path, bundle):
         evaluate_model(bundle, preset("marqo_gs10m", data_root=str(tmp_path)))
     with pytest.raises(MissingDataError, match="split 'val'"):
         Evaluator(preset("synthetic"), splits={}).source_spec(preset("synthetic").tasks[0])
+    fx.build_marqo_fashion(tmp_path / "fashion", n=6)
+    import shutil
+
+    shutil.rmtree(tmp_path / "fashion" / "marqo-FashionCLIP")
+    with pytest.raises(MissingDataError, match="qrels_file.*ground_truth_text-image.json.*marqo-FashionCLIP"):
+        evaluate_model(bundle, preset("marqo_fashion", data_root=str(tmp_path / "fashion")))
 
 
 # ------------------------------------------------------------------------------------ evaluate.py + loading
