@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: these wheels lie on the build machines' disk (no multi-GB download).
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
-	$(BIN)/python -m pip install --quiet -e '.[dev,cluster,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,cluster,bench,s3]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
