@@ -350,13 +350,20 @@ class _Pairs:
     grades: np.ndarray
 
 
+def pair_columns(task: Any) -> list[str]:
+    """The columns a graded task reads from its (query, document, grade) table."""
+    cols = dict(task.columns)
+    return ([cols.get(f, f) for f in task.query.fields] + [task.doc_id_column]
+            + [cols.get(task.relevance.grade_field, task.relevance.grade_field)]
+            + ([task.query_id_column] if task.query_id_column else []))
+
+
 def _read_pairs(task: Any, pairs: Any) -> _Pairs:
     r = task.relevance
     cols = dict(task.columns)
     qcols = [cols.get(f, f) for f in task.query.fields]
     gcol = cols.get(r.grade_field, r.grade_field)
-    need = qcols + [task.doc_id_column, gcol] + ([task.query_id_column] if task.query_id_column else [])
-    absent = [c for c in need if c not in pairs.columns]
+    absent = [c for c in pair_columns(task) if c not in pairs.columns]
     if absent:
         raise EvalConfigError(f"task {task.name!r}: relevance table lacks columns {absent} "
                               f"(has {sorted(map(str, pairs.columns))})")

@@ -179,8 +179,8 @@ class Evaluator:
     def relevance_input(self, t: Any) -> Any:
         """What a task's relevance rule reads: the graded table's DataFrame, the FixedQueries, else None."""
         paths = self.relevance_paths(t)
-        if t.relevance.rule == "graded":
-            return T.read_table(T.table_files(paths[0]))
+        if t.relevance.rule == "graded":  # only the columns it uses: a Hub Parquet split also holds every image
+            return T.read_table(T.table_files(paths[0]), Q.pair_columns(t))
         if t.relevance.rule == "fixed":
             return Q.load_fixed_queries(*paths)
         return None

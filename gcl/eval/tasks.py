@@ -229,21 +229,47 @@ class SourceSpec:
 def resolve_path(path: str, data_root: str | None, *, what: str, hint: str | None = None) -> Path:
     """``path`` if absolute, else ``data_root/path``; raise MissingDataError with a fix when it does not exist.
 
-    ``hint`` names where the data comes from (a Hugging Face dataset id) for the error message.
+    ``hint`` names where the data comes from (a Hugging Face dataset id) for the error message. Without
+    ``data_root``, a Hugging Face dataset ``hint`` is looked up in the Hugging Face cache (never downloaded):
+    the path's first part, which names the dataset's folder under ``data_root``, becomes its cached snapshot.
     """
     p = Path(os.path.expanduser(path))
     if not p.is_absolute():
-        if data_root is None:
+        snapshot = _hf_snapshot(hint) if data_root is None else None
+        if snapshot is not None:
+            p = snapshot.joinpath(*p.parts[1:])
+        elif data_root is None:
+            cache = (f", or put {hint} in the Hugging Face cache (`huggingface-cli download {hint} --repo-type "
+                     "dataset`) and leave eval.data_root unset" if _is_hf_id(hint) else "")
             raise MissingDataError(
                 f"{what} {path!r} is relative but eval.data_root is not set; set eval.data_root=DIR to the folder "
-                f"holding the local copy of the evaluation data{_hint(hint, '<eval.data_root>/' + path)}")
-        p = Path(os.path.expanduser(data_root)) / p
+                f"holding the local copy of the evaluation data{_hint(hint, '<eval.data_root>/' + path)}{cache}")
+        else:
+            p = Path(os.path.expanduser(data_root)) / p
     if any(c in str(p) for c in "*?["):
         if not glob.glob(str(p)):
             raise MissingDataError(f"{what} {str(p)!r} matches no file{_hint(hint, str(p))}")
     elif not p.exists():
         raise MissingDataError(f"{what} {str(p)!r} does not exist{_hint(hint, str(p))}")
     return p
+
+
+def _is_hf_id(source: str | None) -> bool:
+    from gcl.data.hf import is_repo_id
+
+    return bool(source) and is_repo_id(source)
+
+
+def _hf_snapshot(source: str | None) -> Path | None:
+    """The cached snapshot of the Hugging Face dataset ``source``, or None (not an id, or not cached)."""
+    if not _is_hf_id(source):
+        return None
+    from gcl.data.hf import HFLayoutError, locate
+
+    try:
+        return locate(source)
+    except HFLayoutError:
+        return None
 
 
 def _hint(source: str | None, where: str) -> str:

@@ -191,8 +191,11 @@ def _tar_to_hub(tar_root: Path, hub: Path) -> None:
         write_parquet(hub / "data" / f"{split}-00000-of-00001.parquet", rows)
 
 
-def test_gs10m_hub_layout_evaluates_like_the_released_tar(tmp_path):
-    """The Hub's Parquet layout, read by eval=marqo_gs10m_hf, gives marqo_gs10m's numbers on the same data."""
+def test_gs10m_hub_layout_evaluates_like_the_released_tar(tmp_path, monkeypatch):
+    """The Hub's Parquet layout, read by eval=marqo_gs10m_hf from a folder or from the HF cache offline, gives
+    marqo_gs10m's numbers on the same data."""
+    from huggingface_hub import constants
+
     import pandas as pd
     import torch
 
@@ -216,3 +219,8 @@ def test_gs10m_hub_layout_evaluates_like_the_released_tar(tmp_path):
     for task in hf.GS10M_SPLITS.values():
         for metric in ("ndcg@10", "err", "rbp@0.8", "map@1000", "mrr@1000", "recall@10"):
             assert got[f"marqo_gs10m_hf/{task}/{metric}"] == ref[f"marqo_gs10m/{task}/{metric}"], (task, metric)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    to_cache(tmp_path / "hub" / "marqo-GS-10M", tmp_path / "hf-cache", hf.GS10M_REPO)
+    assert evaluate_model(bundle, _preset("marqo_gs10m_hf")) == got  # eval.data_root unset: the cache
