@@ -194,10 +194,9 @@ def _tar_to_hub(tar_root: Path, hub: Path) -> None:
 def test_gs10m_hub_layout_evaluates_like_the_released_tar(tmp_path, monkeypatch):
     """The Hub's Parquet layout, read by eval=marqo_gs10m_hf from a folder or from the HF cache offline, gives
     marqo_gs10m's numbers on the same data."""
-    from huggingface_hub import constants
-
     import pandas as pd
     import torch
+    from huggingface_hub import constants
 
     from gcl.eval.run import evaluate_model
     from gcl.model import build_model
@@ -224,3 +223,27 @@ def test_gs10m_hub_layout_evaluates_like_the_released_tar(tmp_path, monkeypatch)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     to_cache(tmp_path / "hub" / "marqo-GS-10M", tmp_path / "hf-cache", hf.GS10M_REPO)
     assert evaluate_model(bundle, _preset("marqo_gs10m_hf")) == got  # eval.data_root unset: the cache
+
+
+def test_marqo_ecommerce_sets_evaluate_from_the_hf_cache_like_from_a_folder(tmp_path, monkeypatch):
+    import torch
+    from huggingface_hub import constants
+
+    from gcl.eval.run import evaluate_model
+    from gcl.model import build_model
+
+    root = _eval_fixtures().build_marqo_ecommerce(tmp_path / "data", products=8)
+    torch.manual_seed(0)
+    bundle = build_model("gcl-tiny")
+    ref = evaluate_model(bundle, _preset("marqo_ecommerce", data_root=str(root)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for name in ("google-shopping-general-eval", "amazon-products-eval"):
+        to_cache(root / name, tmp_path / "hf-cache", f"Marqo/{name}")
+    assert evaluate_model(bundle, _preset("marqo_ecommerce")) == ref and len(ref) > 10
+    # a dataset missing from both places names both fixes
+    from gcl.eval.tasks import MissingDataError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(MissingDataError, match="eval.data_root=DIR.*Hugging Face cache"):
+        evaluate_model(bundle, _preset("marqo_ecommerce"))
