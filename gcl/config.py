@@ -121,7 +121,8 @@ class TrainerConfig:
     eval_every: int = 0
     save_every: int = 0
     keep_last: int = 2
-    resume: Optional[str] = None  # auto | PATH | null
+    resume: Optional[str] = None  # auto | PATH | URL of a remote_sync prefix | null
+    remote_sync: Optional[str] = None  # s3://bucket/runs/NAME: mirror checkpoints + export there (gcl.remote)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
@@ -264,6 +265,12 @@ def validate(cfg: DictConfig) -> None:
         _fail("trainer.best_mode", f"{t.best_mode!r} is not max or min")
     if t.resume not in (None, "auto") and not str(t.resume):
         _fail("trainer.resume", "use auto, a path, or null")
+    if t.remote_sync is not None:
+        from gcl.storage import is_remote
+
+        if not is_remote(t.remote_sync):
+            _fail("trainer.remote_sync", f"{t.remote_sync!r} is not an object-storage URL; use e.g. "
+                  "s3://bucket/runs/my-run (one prefix per run), or null")
     if cfg.data.list_rule not in ("join", "sample"):
         _fail("data.list_rule", f"{cfg.data.list_rule!r} is not join or sample")
     if cfg.data.batch_size < 1:

@@ -26,9 +26,10 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gcl import storage
-from gcl.checkpoint import BEST, LATEST, atomic_write_json
+from gcl.checkpoint import BEST, LATEST, atomic_write_json, find_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +115,23 @@ class RemoteSync:
         """Mirror a folder (the export) to ``<prefix>/<rel>/``."""
         self._jobs.put(lambda: self._upload_dir(Path(local), rel))
 
-    def close(self) -> None:
-        """Wait for every queued upload; raise StorageError if the newest checkpoint is not mirrored."""
+    def close(self, strict: bool = True) -> None:
+        """Wait for every queued upload. If the newest checkpoint is not mirrored: StorageError with
+        ``strict`` (the run ended normally), else a logged error (another exception is on its way)."""
+        if not self._thread.is_alive():
+            return
         if self._wanted is not None and self._mirrored != self._wanted:
             wanted, text = self._wanted, self._latest_text
             self._jobs.put(lambda: self._upload_checkpoint(wanted, LATEST, text))  # one more try
         self._jobs.put(None)
         self._thread.join()
         if self._wanted is not None and self._mirrored != self._wanted:
-            raise storage.StorageError(f"the newest checkpoint {self._wanted} could not be mirrored to {self.url}: "
-                                       f"{self._error}. It is in {self.run_dir / CKPT_DIR}")
-        if self._error is not None:
+            msg = (f"the newest checkpoint {self._wanted} could not be mirrored to {self.url}: {self._error}. "
+                   f"It is in {self.run_dir / CKPT_DIR}")
+            if strict:
+                raise storage.StorageError(msg)
+            log.error(msg)
+        elif self._error is not None:
             log.warning("remote sync to %s: the last upload failed: %s", self.url, self._error)
 
 
@@ -155,3 +162,40 @@ def fetch_latest(url: str, run_dir: str | os.PathLike) -> Path | None:
         atomic_write_json({"file": name, "step": step}, local_dir / LATEST)
     log.info("downloaded checkpoint %s from the mirror %s", name, url)
     return local
+
+
+def resume_checkpoint(resume: str | None, run_dir: str | os.PathLike, remote_sync: str | None, *, is_main: bool,
+                      gather: Callable[[Any], list[Any]]) -> Path | None:
+    """``trainer.resume`` -> the local checkpoint to load, or None to start from step 0.
+
+    ``auto``: the run dir's latest; when it has none and ``remote_sync`` is set, the mirror's latest,
+    downloaded into the run dir. An object-storage URL: that mirror prefix's latest (or that file),
+    downloaded. Anything else: a local run dir / checkpoint path. Downloads happen on rank 0 only (ranks
+    share the run dir, as they do for saving); ``gather`` (an all-gather of one object) tells every rank
+    the outcome, so a failed download raises on every rank instead of leaving the others waiting.
+    """
+    if resume is None:
+        return None
+    from_url = storage.is_remote(resume)
+    if resume != "auto" and not from_url:
+        return find_checkpoint(resume)
+    source = resume if from_url else remote_sync
+    if source is None:
+        return find_checkpoint(run_dir, missing_ok=True)
+    outcome: tuple[str, str | None] = ("ok", None)
+    if is_main:
+        try:
+            local = None if from_url else find_checkpoint(run_dir, missing_ok=True)
+            if local is None:
+                got = fetch_latest(source, run_dir)
+                if got is None and from_url:
+                    raise storage.StorageError(f"trainer.resume={resume}: no checkpoint there (looked for "
+                                               f"{storage.join(source, CKPT_DIR, LATEST)} and step_*.pt)")
+                local = got
+            outcome = ("ok", None if local is None else str(local))
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            outcome = ("error", f"{type(err).__name__}: {err}")
+    status, value = gather(outcome)[0]  # rank 0's outcome
+    if status == "error":
+        raise storage.StorageError(f"resuming from {source} failed on rank 0: {value}")
+    return None if value is None else Path(value)

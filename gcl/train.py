@@ -9,7 +9,7 @@ mixed precision and DDP. Only rank 0 writes logs, checkpoints and exports.
 Lives here: the ``Trainer`` (its build steps, checkpoint state and resume, the step, in-loop eval, the loop,
 logging) and ``run``. Not here: collectives (``gcl.distributed``), SLURM env and stop signals
 (``gcl.launch``), the model (``gcl.model``), the loss (``gcl.loss``), data (``gcl.data``), evaluation
-(``gcl.eval.run``), checkpoint files (``gcl.checkpoint``), export (``gcl.export``).
+(``gcl.eval.run``), checkpoint files (``gcl.checkpoint``), their object-storage mirror (``gcl.remote``), export (``gcl.export``).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from gcl import config as gcl_config
-from gcl.checkpoint import CheckpointManager, find_checkpoint, load_checkpoint, rng_state, set_rng_state
+from gcl.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from gcl.distributed import all_reduce_sum, gather_objects
 from gcl.launch import StopSignal, slurm_to_torch_env
 from gcl.log import RunLogger, Throughput, console_logging
+from gcl.remote import RemoteSync, resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,9 @@ class Trainer:
         self._build_evaluator()
         self._export_preflight()
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.trainer.keep_last)
+        # rank 0 writes checkpoints, so it mirrors them; the prefix is checked for writing now, not hours later
+        self.remote = (RemoteSync(cfg.trainer.remote_sync, self.run_dir)
+                       if cfg.trainer.remote_sync and self.is_main else None)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
@@ -248,7 +253,8 @@ class Trainer:
         r = self.cfg.trainer.resume
         if r is None:
             return
-        path = find_checkpoint(self.run_dir, missing_ok=True) if r == "auto" else find_checkpoint(r)
+        path = resume_checkpoint(r, self.run_dir, self.cfg.trainer.remote_sync, is_main=self.is_main,
+                                 gather=lambda obj: gather_objects(obj, self.world_size))
         if path is None:
             log.info("trainer.resume=auto: no checkpoint in %s yet, starting from step 0", self.run_dir)
             return
@@ -277,7 +283,9 @@ class Trainer:
     def save(self) -> None:
         state = self.state_dict()  # collective: every rank takes part
         if self.is_main:
-            self.ckpt.save(state, self.step)
+            path = self.ckpt.save(state, self.step)
+            if self.remote is not None:
+                self.remote.push_checkpoint(path)
         self.accelerator.wait_for_everyone()
 
     # -------------------------------------------------------------------------------------------- step
@@ -385,7 +393,9 @@ class Trainer:
             self.best = v
             state = self.state_dict()
             if self.is_main:
-                self.ckpt.save_best(state, self.step, name, v)
+                path = self.ckpt.save_best(state, self.step, name, v)
+                if self.remote is not None:
+                    self.remote.push_checkpoint(path)
 
     # -------------------------------------------------------------------------------------------- loop
     def fit(self) -> float | None:
@@ -443,6 +453,8 @@ class Trainer:
         finally:
             stop.restore()
             logger.close()
+            if self.remote is not None:  # waits for the uploads; strict unless an error is already on its way
+                self.remote.close(strict=sys.exc_info()[0] is None)
         name = t.best_metric
         if name:
             return self.best if self.best is not None else self.last_eval.get(name)
@@ -484,6 +496,8 @@ class Trainer:
         metrics = (self.last_eval or None) if e.which == "latest" else None
         path = export_model(self.run_dir, out, which=e.which, overwrite=e.overwrite, push_to=e.push_to,
                             private=e.private, metrics=metrics)
+        if self.remote is not None:
+            self.remote.push_dir(path, "export")
         log.info("exported model to %s; load it with:\n  import open_clip\n  model, _, preprocess = "
                  "open_clip.create_model_and_transforms('local-dir:%s')\n  tokenizer = "
                  "open_clip.get_tokenizer('local-dir:%s')", path, path, path)
