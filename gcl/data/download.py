@@ -10,8 +10,9 @@ bytes in the same column pass through unchanged. The fetched bytes then go throu
 ``gcl.data.prepare``, so fields, keys and image decoding / re-encoding are identical to a local ``prepare``.
 
 What lives here (and what does not): the HTTP fetch with its limits and failure reasons, the chunked,
-resumable job over the table, and the CLI. Table reading, field conversion and image encoding are
-``gcl.data.prepare``'s; shard files are ``gcl.data.shards.ShardWriter``'s.
+resumable job over the table, and the CLI. Table reading and image encoding are ``gcl.data.read``'s, the
+per-row mapping (fields, keys, splits) and the shared CLI options ``gcl.data.prepare``'s, shard files
+``gcl.data.shards.ShardWriter``'s.
 
 Contracts:
 
@@ -61,6 +62,7 @@ from tqdm.auto import tqdm
 
 from gcl import __version__
 from gcl.data import prepare as P
+from gcl.data import read as R
 from gcl.data.shards import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ _SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
 )
 
 
-class DownloadError(P.PrepareError):
+class DownloadError(R.PrepareError):
     """Options, table or output folder that cannot work; the message names the problem and the fix."""
 
 
@@ -198,7 +200,7 @@ class Fetcher:
     def fetch(self, url: str) -> bytes:
         """The response body of ``url`` after retries; raises ``_Fail`` with the reason of the last attempt."""
         if not url.lower().startswith(("http://", "https://")):
-            raise _Fail("bad_url", f"{P._short(url, 80)} is not an http(s) URL")
+            raise _Fail("bad_url", f"{R._short(url, 80)} is not an http(s) URL")
         for attempt in range(self.opts.retries + 1):
             try:
                 return self._attempt(url)
@@ -307,9 +309,9 @@ class _Row:
 
 def _process(fetcher: Fetcher, settings: Any, index: int, row: Any) -> _Row:
     """Fetch the row's image when it is a URL, then run prepare's row logic on the bytes."""
-    if isinstance(row, P._Unparsable):
+    if isinstance(row, R._Unparsable):
         return _Row(index, P._process_row(settings, index, row), None, False)
-    url = P._image_url(row.get(settings.image_column))
+    url = R._image_url(row.get(settings.image_column))
     if url is not None:
         try:
             data = fetcher.fetch(url)
@@ -334,7 +336,7 @@ def _raw_key(settings: Any, index: int, row: dict[str, Any]) -> str | None:
     if settings.key_column is None:
         return f"{index:09d}"
     raw = row.get(settings.key_column)
-    return None if P._is_missing(raw) or not str(raw).strip() else str(raw).strip()
+    return None if R._is_missing(raw) or not str(raw).strip() else str(raw).strip()
 
 
 # ------------------------------------------------------------------------------------------- job state
@@ -520,7 +522,7 @@ def _chunks(rows: Iterator[tuple[int, Any]], per_shard: int) -> Iterator[_Chunk]
 
 
 def download(
-    table: str | Path,
+    table: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     *,
     fields: dict[str, str],
@@ -554,13 +556,13 @@ def download(
     fetch.check()
     if threads < 1:
         raise DownloadError(f"threads must be >= 1, got {threads}")
-    table, out_dir = Path(table), Path(out_dir)
-    files, fmt = P._table_files(table, input_format)
+    table, out_dir = R.as_table(table), Path(out_dir)
+    files, fmt = R._table_files(table, input_format)
     settings = P._check_options(table, fields, image_column, images_root, key_column, split_column, per_shard,
                                 resize, jpeg_quality, list_sep, list_fields, required, 0, max_rows)
     needed = list(dict.fromkeys([image_column, *fields.values(),
                                  *(c for c in (key_column, split_column) if c is not None)]))
-    total = P._table_columns(files, fmt, needed)
+    total = R._table_columns(files, fmt, needed)
     if total is not None and max_rows is not None:
         total = min(total, max_rows)
     options = {"settings": {k: (sorted(v) if isinstance(v, frozenset) else v)
@@ -571,7 +573,7 @@ def download(
     job = _Job(out_dir)
     job.open(_fingerprint(files, options), overwrite)
     fetcher = Fetcher(fetch)
-    rows = P._limited(enumerate(P._iter_rows(files, fmt, needed)), max_rows)
+    rows = P._limited(enumerate(R._iter_rows(files, fmt, needed)), max_rows)
     bar = tqdm(total=total, unit=" rows", desc="download", disable=not progress, dynamic_ncols=True)
     n_chunks = resumed = 0
     try:
@@ -655,46 +657,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m gcl.data.download",
         description="Download the image URLs of a CSV / TSV / Parquet / JSONL catalog and write gcl webdataset "
-                    "shards (the options of python -m gcl.data.prepare, plus HTTP limits). Interrupted runs "
-                    "resume: rerun the same command.",
+                    "shards: the options of python -m gcl.data.prepare, plus HTTP limits. An interrupted run "
+                    "resumes: run the same command again. Rejected rows: OUT_DIR/rejects.jsonl.",
         epilog="example: python -m gcl.data.download products.csv shards/ --image-column image_url "
                "--field title=name --field categories=category --key-column sku --resize 512 --threads 32")
-    p.add_argument("table", help="table file, or a folder of table files of one format")
-    p.add_argument("out_dir", help="output folder (one sub-folder per split with --split-column)")
-    p.add_argument("--field", dest="fields", action="append", type=P._parse_field, default=[],
-                   metavar="NAME=COLUMN", help="map our field NAME to a table COLUMN (as in prepare); repeatable")
-    p.add_argument("--image-column", default="image",
-                   help="column of image URLs (local paths and embedded bytes also work; default: image)")
-    p.add_argument("--images-root", help="folder that relative local image paths start from")
-    p.add_argument("--key-column", help="column of unique sample keys (default: the row index)")
-    p.add_argument("--split-column", help="column whose value names the output sub-folder")
-    p.add_argument("--per-shard", type=int, default=1000, help="table rows per shard (default: 1000)")
-    p.add_argument("--resize", type=int, help="shrink images so the longest side is at most this")
-    p.add_argument("--jpeg-quality", type=int, help="re-encode all images as JPEG at this quality (1-95)")
-    p.add_argument("--list-sep", help="split string values of the list fields on this separator")
-    p.add_argument("--list-fields", type=P._split_list, help="comma-separated fields split by --list-sep")
-    p.add_argument("--required", action="append", type=P._split_list, default=[],
-                   help="comma-separated fields that must be non-empty (repeatable)")
-    p.add_argument("--reject-file", help="where to list rejected rows as JSONL (default: OUT_DIR/rejects.jsonl)")
-    p.add_argument("--format", dest="input_format", choices=P.FORMATS, help="override the table format")
-    p.add_argument("--max-rows", type=int, help="read only the first N rows (a trial run)")
-    p.add_argument("--overwrite", action="store_true", help="discard an earlier download in OUT_DIR and start over")
+    P.add_table_arguments(p, table_help="table file, a folder of table files of one format, or a quoted glob; "
+                                        "--image-column holds URLs (local paths and bytes pass through)")
     d = FetchOptions()
     g = p.add_argument_group("HTTP")
     g.add_argument("--threads", type=int, default=16, help="concurrent requests (default: 16)")
-    g.add_argument("--timeout", type=float, default=d.timeout, help=f"seconds to connect and per read (default: {d.timeout:g})")
+    g.add_argument("--timeout", type=float, default=d.timeout,
+                   help=f"seconds to connect, and per read (default: {d.timeout:g})")
     g.add_argument("--total-timeout", type=float, default=d.total_timeout,
                    help=f"seconds for a whole response (default: {d.total_timeout:g})")
     g.add_argument("--retries", type=int, default=d.retries,
-                   help=f"extra attempts after a timeout, connection error, 429 or 5xx (default: {d.retries})")
-    g.add_argument("--backoff", type=float, default=d.backoff, help=f"first retry delay in seconds, doubling (default: {d.backoff:g})")
-    g.add_argument("--max-bytes", type=int, default=d.max_bytes, help=f"largest response accepted (default: {d.max_bytes})")
-    g.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"largest image accepted, width x height (default: {d.max_pixels})")
-    g.add_argument("--max-redirects", type=int, default=d.max_redirects, help=f"default: {d.max_redirects}")
-    g.add_argument("--max-rps", type=float, default=0.0, help="requests per second over all threads (default: no limit)")
-    g.add_argument("--ignore-noai", action="store_true", help="download even when the server sends X-Robots-Tag: noai")
+                   help=f"extra attempts after a timeout, connection error, 408, 429 or 5xx (default: {d.retries})")
+    g.add_argument("--backoff", type=float, default=d.backoff,
+                   help=f"first retry delay in seconds, doubling; Retry-After wins (default: {d.backoff:g})")
+    g.add_argument("--max-bytes", type=int, default=d.max_bytes, help=f"largest response (default: {d.max_bytes})")
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help=f"largest image, width x height (default: {d.max_pixels})")
+    g.add_argument("--max-redirects", type=int, default=d.max_redirects, help=f"(default: {d.max_redirects})")
+    g.add_argument("--max-rps", type=float, default=0.0, help="requests per second, all threads (default: no limit)")
+    g.add_argument("--ignore-noai", action="store_true",
+                   help="download even when the server sends X-Robots-Tag: noai / noimageai")
     g.add_argument("--user-agent", default=d.user_agent, help="User-Agent header")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -703,22 +690,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    fields = dict(args.fields)
-    if len(fields) != len(args.fields):
-        parser.error("a --field NAME is given twice")
+    options = P.table_options(args, parser)
     fetch = FetchOptions(timeout=args.timeout, total_timeout=args.total_timeout, retries=args.retries,
                          backoff=args.backoff, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
                          max_redirects=args.max_redirects, max_rps=args.max_rps,
                          respect_noai=not args.ignore_noai, user_agent=args.user_agent)
     try:
-        download(args.table, args.out_dir, fields=fields, image_column=args.image_column,
-                     images_root=args.images_root, key_column=args.key_column, split_column=args.split_column,
-                     per_shard=args.per_shard, resize=args.resize, jpeg_quality=args.jpeg_quality,
-                     list_sep=args.list_sep, list_fields=args.list_fields,
-                     required=[r for group in args.required for r in group], reject_file=args.reject_file,
-                     input_format=args.input_format, fetch=fetch, threads=args.threads, max_rows=args.max_rows,
-                     overwrite=args.overwrite, progress=not args.no_progress)
-    except P.PrepareError as err:
+        download(args.table, args.out_dir, fetch=fetch, threads=args.threads, **options)
+    except R.PrepareError as err:
         parser.exit(2, f"error: {err}\n")
     return 0
 

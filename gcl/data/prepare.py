@@ -59,6 +59,7 @@ from gcl.data.read import (  # noqa: F401 - DEFAULT_JPEG_QUALITY: re-exported fo
     DEFAULT_JPEG_QUALITY,
     FORMATS,
     PrepareError,
+    Table,
     _Bad,
     _encode_image,
     _image_bytes,
@@ -71,6 +72,8 @@ from gcl.data.read import (  # noqa: F401 - DEFAULT_JPEG_QUALITY: re-exported fo
     _text_value,
     _Unparsable,
     _url_error,
+    as_table,
+    table_root,
 )
 from gcl.data.schema import stable_hash
 from gcl.data.shards import ShardWriter
@@ -266,7 +269,7 @@ def _results(settings: _Settings, rows: Iterable[tuple[int, Any]], workers: int
 
 
 def prepare(
-    table: str | Path,
+    table: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     *,
     fields: dict[str, str],
@@ -291,7 +294,8 @@ def prepare(
     """Write the rows of ``table`` as webdataset shards under ``out_dir`` (see the module docstring).
 
     Args:
-        table: a CSV / TSV / Parquet / JSONL file (``.gz`` allowed for the text formats), or a folder of them.
+        table: a CSV / TSV / Parquet / JSONL file (``.gz`` allowed for the text formats), a folder or a glob
+            of them, or a list of such files (one format).
         out_dir: output folder; with ``split_column`` one sub-folder per split value.
         fields: our field name -> table column.
         image_column: column of image paths, encoded bytes or ``{"bytes", "path"}`` structs.
@@ -321,7 +325,7 @@ def prepare(
         PrepareError: bad options or columns, an image URL, no row written, or (``strict``) a bad row.
     """
     start = time.perf_counter()
-    table = Path(table)
+    table = as_table(table)
     out_dir = Path(out_dir)
     files, fmt = _table_files(table, input_format)
     settings = _check_options(
@@ -454,7 +458,7 @@ def _discard(writers: dict[str, ShardWriter]) -> None:
         writer.abort()
 
 
-def _check_options(table: Path, fields: dict[str, str], image_column: str, images_root: str | Path | None,
+def _check_options(table: Table, fields: dict[str, str], image_column: str, images_root: str | Path | None,
                    key_column: str | None, split_column: str | None, per_shard: int, resize: int | None,
                    jpeg_quality: int | None, list_sep: str | None, list_fields: Sequence[str] | None,
                    required: Sequence[str], workers: int, max_rows: int | None) -> _Settings:
@@ -495,7 +499,7 @@ def _check_options(table: Path, fields: dict[str, str], image_column: str, image
     unknown = [r for r in req if r not in fields]
     if unknown:
         raise PrepareError(f"required field(s) {unknown} are not mapped: add --field NAME=COLUMN for them")
-    root = Path(images_root) if images_root is not None else (table if table.is_dir() else table.parent)
+    root = Path(images_root) if images_root is not None else table_root(table)
     if images_root is not None and not root.is_dir():
         raise PrepareError(f"images_root {root} is not a folder")
     return _Settings(fields=dict(fields), image_column=image_column, images_root=root, key_column=key_column,
@@ -532,14 +536,10 @@ def _split_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m gcl.data.prepare",
-        description="Turn a CSV / TSV / Parquet / JSONL table (+ images) into gcl webdataset shards.",
-        epilog="example: python -m gcl.data.prepare products.parquet shards/ --image-column image "
-               "--field title=product_name --field description=desc --field categories=category "
-               "--split-column split --required title --resize 512")
-    p.add_argument("table", help="table file, or a folder of table files of one format")
+def add_table_arguments(p: argparse.ArgumentParser, *, table_help: str) -> None:
+    """The table -> shards options, shared by ``gcl.data.prepare``, ``gcl.data.download`` and ``gcl.data.hf``
+    (read back with :func:`table_options`)."""
+    p.add_argument("table", help=table_help)
     p.add_argument("out_dir", help="output folder (one sub-folder per split with --split-column)")
     p.add_argument("--field", dest="fields", action="append", type=_parse_field, default=[],
                    metavar="NAME=COLUMN",
@@ -561,14 +561,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated fields split by --list-sep (default: {','.join(DEFAULT_LIST_FIELDS)})")
     p.add_argument("--required", action="append", type=_split_list, default=[],
                    help="comma-separated fields that must be non-empty (repeatable)")
-    p.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping")
     p.add_argument("--reject-file", help="write skipped rows here as JSONL (row, key, reason, detail)")
     p.add_argument("--format", dest="input_format", choices=FORMATS, help="override the table format")
-    p.add_argument("--workers", type=int, default=0,
-                   help="image decode/re-encode processes (default: 0 = in the main process)")
     p.add_argument("--max-rows", type=int, help="read only the first N rows (a trial run)")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def table_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The keyword arguments of :func:`prepare`, minus ``table`` and ``out_dir``, that
+    :func:`add_table_arguments` parsed."""
+    fields = dict(args.fields)
+    if len(fields) != len(args.fields):
+        parser.error("a --field NAME is given twice")
+    return dict(fields=fields, image_column=args.image_column, images_root=args.images_root,
+                key_column=args.key_column, split_column=args.split_column, per_shard=args.per_shard,
+                resize=args.resize, jpeg_quality=args.jpeg_quality, list_sep=args.list_sep,
+                list_fields=args.list_fields, required=[r for group in args.required for r in group],
+                reject_file=args.reject_file, input_format=args.input_format, max_rows=args.max_rows,
+                overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of prepare itself (not of the downloader): --strict, --workers."""
+    p.add_argument("--strict", action="store_true", help="fail on the first bad row instead of skipping")
+    p.add_argument("--workers", type=int, default=0,
+                   help="image decode/re-encode processes (default: 0 = in the main process)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m gcl.data.prepare",
+        description="Turn a CSV / TSV / Parquet / JSONL table (+ images) into gcl webdataset shards. Image "
+                    "URLs: python -m gcl.data.download (same options); Hugging Face datasets: python -m "
+                    "gcl.data.hf.",
+        epilog="example: python -m gcl.data.prepare products.parquet shards/ --image-column image "
+               "--field title=product_name --field description=desc --field categories=category "
+               "--split-column split --required title --resize 512")
+    add_table_arguments(p, table_help="table file, a folder of table files of one format, or a quoted glob "
+                                      "('data/train-*.parquet')")
+    add_worker_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log every skipped row")
     return p
 
@@ -578,17 +610,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    fields = dict(args.fields)
-    if len(fields) != len(args.fields):
-        parser.error("a --field NAME is given twice")
+    options = table_options(args, parser)
     try:
-        prepare(args.table, args.out_dir, fields=fields, image_column=args.image_column,
-                images_root=args.images_root, key_column=args.key_column, split_column=args.split_column,
-                per_shard=args.per_shard, resize=args.resize, jpeg_quality=args.jpeg_quality,
-                list_sep=args.list_sep, list_fields=args.list_fields,
-                required=[r for group in args.required for r in group], strict=args.strict,
-                reject_file=args.reject_file, input_format=args.input_format, progress=not args.no_progress,
-                workers=args.workers, max_rows=args.max_rows, overwrite=args.overwrite)
+        prepare(args.table, args.out_dir, strict=args.strict, workers=args.workers, **options)
     except PrepareError as err:
         parser.exit(2, f"error: {err}\n")
     return 0

@@ -1,7 +1,7 @@
 """Reading a user table and its images: the input side of ``gcl.data.prepare``.
 
 Lives here: the table formats (CSV / TSV / Parquet / JSONL, ``.gz`` for the text ones) and how a file or a
-folder of them is found (``_table_files``), read row by row (``_iter_rows``; Parquet in batches, never
+folder, glob or list of them is found (``_table_files``), read row by row (``_iter_rows``; Parquet in batches, never
 whole) and checked for the needed columns (``_table_columns``); cell values turned into our types
 (``_text_value``, ``_number_value``); image bytes from a path, raw bytes or a Hugging Face
 ``{"bytes", "path"}`` struct (``_image_bytes``), URLs refused (``_image_url``, ``_url_error``), and the
@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import gzip
 import io
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +133,8 @@ def _number_value(name: str, column: str, value: Any) -> int | float | None:
 
 def _url_error(column: str, value: str) -> str:
     return (f"image column {column!r} holds a URL ({_short(value, 80)}); gcl.data.prepare never downloads "
-            "images. Download them first (for example with img2dataset or a script of your own), then "
-            "point --image-column at a column of local paths (relative ones are resolved against "
-            "--images-root) or at a column of encoded image bytes.")
+            "images. Run the same command as `python -m gcl.data.download ...` instead: it fetches the URLs "
+            "(resumably, failures counted and listed) and writes the same shards.")
 
 
 def _image_bytes(image_column: str, images_root: Path, value: Any) -> bytes:
@@ -217,8 +217,47 @@ def _detect_format(path: Path, input_format: str | None) -> str:
                        f"(one of {', '.join(FORMATS)})")
 
 
-def _table_files(table: Path, input_format: str | None) -> tuple[list[Path], str]:
-    """The input files (one file, or every file of the format in a folder, sorted) and their format."""
+Table = Path | list[Path]
+
+
+def as_table(table: str | Path | Sequence[str | Path]) -> Table:
+    """A table argument as a path (file, folder or glob) or a list of file paths."""
+    if isinstance(table, (str, Path)):
+        return Path(table).expanduser()
+    return [Path(p).expanduser() for p in table]
+
+
+def table_root(table: Table) -> Path:
+    """The folder relative image paths start from by default: the table's folder (the first file's)."""
+    first = table[0] if isinstance(table, list) else table
+    if isinstance(table, Path) and _is_glob(table):
+        return first.parent
+    return first if first.is_dir() else first.parent
+
+
+def _is_glob(path: Path) -> bool:
+    return any(c in str(path) for c in "*?[") and not path.exists()
+
+
+def _listed_files(files: list[Path], what: str, input_format: str | None) -> tuple[list[Path], str]:
+    if not files:
+        raise PrepareError(f"{what} names no table file")
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise PrepareError(f"table file {missing[0]} does not exist ({what})")
+    formats = sorted({_detect_format(p, input_format) for p in files})
+    if len(formats) != 1:
+        raise PrepareError(f"{what} mixes table formats {formats}; give files of one format or pass --format")
+    return files, formats[0]
+
+
+def _table_files(table: Table, input_format: str | None) -> tuple[list[Path], str]:
+    """The input files and their one format: a file, every file of the format in a folder, the matches of a
+    glob (``data/train-*.parquet``; sorted), or a list of files (in its order)."""
+    if isinstance(table, list):
+        return _listed_files(table, f"the list of {len(table)} files", input_format)
+    if _is_glob(table):
+        return _listed_files(sorted(Path(p) for p in glob.glob(str(table))), f"pattern {table}", input_format)
     if table.is_dir():
         files = sorted(p for p in table.iterdir() if p.is_file() and not p.name.startswith("."))
         if input_format is None:
