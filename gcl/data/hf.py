@@ -12,19 +12,23 @@ Hugging Face cache (``huggingface-cli download REPO --repo-type dataset`` on a m
 Lives here: :func:`locate`, :func:`split_files` / :func:`split_names` (the split -> files rule of the Hub:
 the ``configs:`` block of the dataset card when it has one, else the file-name convention
 ``<split>-NNNNN-of-NNNNN.<ext>`` / ``<split>.<ext>`` / a ``<split>/`` folder), :func:`default_fields` (Marqo's
-column names -> gcl fields), the Marqo-GS-10M split names and how they map to the evaluation presets, and the
-CLI that runs ``gcl.data.prepare`` once per split. Not here: table reading and shard writing (prepare), the
-evaluation itself (``gcl.eval``; the presets ``marqo_gs10m_hf``, ``marqo_ecommerce`` and ``marqo_fashion``
-read these copies directly).
+column names -> gcl fields), the Marqo-GS-10M split names and how they map to the evaluation presets, and
+:func:`convert` / the CLI, which run ``gcl.data.prepare`` once per split. Not here: table reading and shard
+writing (prepare), the evaluation itself (``gcl.eval``; the presets ``marqo_gs10m_hf``, ``marqo_ecommerce``
+and ``marqo_fashion`` read these copies directly).
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import logging
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from gcl.data.read import PrepareError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ _SHARDED = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-class HFLayoutError(ValueError):
+class HFLayoutError(PrepareError):
     """A local copy that cannot be found or read as a dataset; the message says how to fix it."""
 
 
@@ -200,3 +204,78 @@ def table_columns(files: Sequence[Path]) -> list[str]:
     if suffix in (".jsonl", ".json"):
         return list(pd.read_json(first, lines=True, nrows=1).columns)
     return list(pd.read_csv(first, sep="\t" if suffix == ".tsv" else ",", nrows=0).columns)
+
+
+def convert(source: str, out_dir: str | Path, *, splits: Sequence[str] = (), config: str | None = None,
+            revision: str | None = None, cache_dir: str | None = None, fields: dict[str, str] | None = None,
+            reject_file: str | Path | None = None, **options: Any) -> dict[str, Any]:
+    """Write each split of a local dataset copy as shards under ``out_dir/<split>/`` with ``prepare``.
+
+    ``splits`` defaults to every split; ``fields`` to :func:`default_fields` of each split's columns;
+    ``reject_file`` gets the split's name before its suffix; ``options`` are :func:`gcl.data.prepare.prepare`'s.
+    Returns ``{split: PrepareReport}``.
+    """
+    from gcl.data.prepare import prepare
+
+    root = locate(source, revision=revision, cache_dir=cache_dir)
+    names = list(splits) or split_names(root, config=config)
+    if not names:
+        raise HFLayoutError(f"{root} holds no table files with a split name; pass a folder of a dataset copy")
+    reports = {}
+    for split in names:
+        files = split_files(root, split, config=config)
+        mapped = fields or default_fields(table_columns(files))
+        if not mapped:
+            raise HFLayoutError(f"split {split!r} of {source}: none of Marqo's column names "
+                                f"({sorted(c for cs in MARQO_COLUMNS.values() for c in cs)}) is there; its columns "
+                                f"are {table_columns(files)}. Map them with --field NAME=COLUMN")
+        log.info("split %s: %d file(s), fields %s", split, len(files), mapped)
+        rejects = None
+        if reject_file is not None:
+            r = Path(reject_file)
+            rejects = r.with_name(f"{r.stem}-{split}{r.suffix}")
+        reports[split] = prepare(files, Path(out_dir) / split, fields=mapped, reject_file=rejects, **options)
+    return reports
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gcl.data.prepare import add_table_arguments, add_worker_arguments
+
+    p = argparse.ArgumentParser(
+        prog="python -m gcl.data.hf",
+        description="Turn the splits of a Hugging Face dataset (a local copy: a folder, or the HF cache with "
+                    "HF_HUB_OFFLINE=1) into gcl webdataset shards, one folder per split. Without --field, "
+                    "Marqo's columns map to our fields (title, query, item_ID/product_id -> item_id, "
+                    "score_linear -> score, position). Other options are python -m gcl.data.prepare's.",
+        epilog="example: HF_HUB_OFFLINE=1 python -m gcl.data.hf Marqo/marqo-GS-10M shards/gs10m --split in_domain "
+               "--resize 256")
+    add_table_arguments(p, table_help="a dataset id (org/name; looked up in the Hugging Face cache, never "
+                                      "downloaded) or the folder of a local copy")
+    add_worker_arguments(p)
+    p.add_argument("--split", dest="splits", action="append", default=[],
+                   help="split to convert (repeatable; default: every split)")
+    p.add_argument("--config", help="the dataset card's config to read (default: its default one)")
+    p.add_argument("--revision", help="the cached revision (default: the cache's refs/main)")
+    p.add_argument("--cache-dir", help="the Hugging Face hub cache (default: HF_HUB_CACHE / HF_HOME)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns 0 on success. Errors exit with status 2 and a message."""
+    from gcl.data.prepare import table_options
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = table_options(args, parser)
+    try:
+        convert(args.table, args.out_dir, splits=args.splits, config=args.config, revision=args.revision,
+                cache_dir=args.cache_dir, strict=args.strict, workers=args.workers,
+                **{**options, "fields": options["fields"] or None})
+    except PrepareError as err:
+        parser.exit(2, f"error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

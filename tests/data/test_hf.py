@@ -137,6 +137,41 @@ def test_splits_from_the_card_and_from_file_names(tmp_path):
     assert hf.split_names(with_card) == ["all"]
 
 
+def test_cli_turns_cached_splits_into_shards_offline(tmp_path, monkeypatch):
+    import json
+    import socket
+    import tarfile
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("gcl.data.hf must not open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = write_gs10m(tmp_path / "copy")
+    to_cache(tmp_path / "copy", tmp_path / "hub", hf.GS10M_REPO)
+    out = tmp_path / "shards"
+    assert hf.main([hf.GS10M_REPO, str(out), "--split", "in_domain", "--split", "novel_document",
+                    "--cache-dir", str(tmp_path / "hub"), "--per-shard", "4", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["in_domain", "novel_document"]
+    for split in ("in_domain", "novel_document"):
+        sizes = json.loads((out / split / "sizes.json").read_text())
+        assert sizes == {"shard-000000.tar": 4, "shard-000001.tar": 2}
+        got = {}
+        for name in sizes:
+            with tarfile.open(out / split / name) as tar:
+                for m in tar.getmembers():
+                    key, ext = m.name.split(".", 1)
+                    got.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for i, row in enumerate(rows[split]):  # the expected sample, written from the row by hand
+            sample = got[f"{i:09d}"]
+            assert sample["jpg"] == row["image"]["bytes"]
+            assert json.loads(sample["json"]) == {"title": row["title"], "query": row["query"],
+                                                  "item_id": row["product_id"], "score": row["score_linear"],
+                                                  "position": row["position"]}
+    with pytest.raises(SystemExit):
+        hf.main([hf.GS10M_REPO, str(tmp_path / "o2"), "--split", "train", "--cache-dir", str(tmp_path / "hub")])
+
+
 def test_marqo_columns_map_to_gcl_fields(tmp_path):
     write_gs10m(tmp_path)
     cols = hf.table_columns(hf.split_files(tmp_path, "in_domain"))
