@@ -135,6 +135,27 @@ def _detail(fs: Any, path: str, err: BaseException) -> BaseException:
     return err
 
 
+def check_shards(urls: list[str]) -> None:
+    """Fail now, naming the URL and the fix, unless the first shard is readable and every shard exists.
+
+    One read check (bucket, credentials, endpoint), then one listing per folder to find missing shards of a
+    brace range. Where listing is not allowed (a read-only key without ``s3:ListBucket``), a missing shard
+    is reported when the loader reaches it instead."""
+    check_readable(urls[0])
+    by_folder: dict[str, list[str]] = {}
+    for u in urls:
+        by_folder.setdefault(posixpath.dirname(u), []).append(posixpath.basename(u))
+    for folder, names in by_folder.items():
+        try:
+            present = set(listdir(folder))
+        except StorageError:
+            return
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise StorageError(f"{len(missing)} of the {len(names)} shards under {folder}/ do not exist (first: "
+                               f"{folder}/{missing[0]}). Check the brace range, or upload the shards first")
+
+
 def list_files(url: str, suffix: str = ".tar") -> list[str]:
     """Full URLs of the files matching a glob (``s3://b/shards/*.tar``) or lying directly under a prefix
     (``s3://b/shards/``) that end with ``suffix``, sorted. Raises StorageError when nothing matches."""

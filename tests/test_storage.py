@@ -18,7 +18,7 @@ from loopback import drop_auth, require_auth, s3_server
 from PIL import Image
 
 from gcl import storage
-from gcl.data.shards import ShardWriter
+from gcl.data.shards import ShardWriter, expand_urls
 from gcl.data.stream import build_train_stream
 
 CTX = {"title": 16, "colors": 8}
@@ -44,7 +44,8 @@ def _shards(out: Path, n: int, per_shard: int) -> str:
 
 def _upload(local_dir: Path, url: str) -> None:
     fs, path = storage.filesystem(url)
-    fs.mkdir(path.split("/")[0], exist_ok=True)
+    if not fs.exists(path.split("/")[0]):
+        fs.mkdir(path.split("/")[0])
     fs.put(str(local_dir) + "/", path + "/", recursive=True)
 
 
@@ -87,9 +88,20 @@ def test_s3_shards_stream_like_local_and_resume_exactly(tmp_path, s3):
     _same(head + _take(again, 6), ref)
 
     # a prefix and a glob list the same shards (sizes.json is not a shard)
-    listed = storage.list_files("s3://shards/train/")
-    assert listed == storage.list_files("s3://shards/train/shard-*.tar") == [
+    assert expand_urls("s3://shards/train/") == expand_urls("s3://shards/train/shard-*.tar") == [
         f"s3://shards/train/shard-{i:06d}.tar" for i in range(6)]
+
+
+def test_the_loader_refuses_a_bad_s3_pattern_before_reading(tmp_path, s3):
+    _shards(tmp_path / "d", 8, per_shard=4)
+    _upload(tmp_path / "d", "s3://shards/two")
+    t0 = time.perf_counter()
+    with pytest.raises(storage.StorageError, match=r"s3://missing-bucket/.*does not exist.*aws s3 mb"):
+        _stream("s3://missing-bucket/shard-{000000..000001}.tar")
+    with pytest.raises(storage.StorageError, match=r"1 of the 3 shards under s3://shards/two/ do not exist "
+                                                   r"\(first: s3://shards/two/shard-000002\.tar\)"):
+        _stream("s3://shards/two/shard-{000000..000002}.tar")
+    assert time.perf_counter() - t0 < 10
 
 
 def test_missing_bucket_object_and_bad_credentials_fail_at_once_naming_url_and_fix(tmp_path, s3, monkeypatch):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from gcl import storage
 from gcl.data.schema import IMAGE_EXTS, check_key
 
 # Records keep the logger name they had before shard reading moved here from gcl.data.stream.
@@ -148,14 +149,26 @@ def _is_local(url: str) -> bool:
     return urlparse(url).scheme in ("", "file") and not url.startswith("pipe:")
 
 
+def _is_object_store(url: str) -> bool:
+    return storage.is_remote(url) and urlparse(url).scheme not in ("http", "https")
+
+
 def _expand_one(pattern: str) -> list[str]:
-    """Brace-expand (and for local paths, glob / list a directory / check existence) one pattern."""
+    """Brace-expand one pattern; glob / list a folder and check existence for local paths and object-store
+    URLs (``s3://b/shards/``, ``s3://b/shards/*.tar``: listed; a missing bucket, shard or credential fails now,
+    naming the URL and the fix)."""
     from webdataset.shardlists import expand_urls as _wds_expand_urls
 
     out: list[str] = []
+    remote: list[str] = []
     for url in _wds_expand_urls(pattern):  # splits on '::', expands ${WDS_*} and braces
+        if _is_object_store(url):
+            listed = storage.list_files(url) if url.endswith("/") or any(c in url for c in "*?[") else [url]
+            remote.extend(listed)
+            out.extend(listed)
+            continue
         if not _is_local(url):
-            out.append(url)  # pipe:, s3://, gs://, http(s)://...: cannot be checked cheaply
+            out.append(url)  # pipe:, http(s)://: cannot be checked cheaply
             continue
         path = urlparse(url).path if url.startswith("file:") else url
         if any(c in path for c in "*?["):
@@ -170,14 +183,18 @@ def _expand_one(pattern: str) -> list[str]:
                 "check the path/brace range, or generate the data first (python -m gcl.data.synthetic)"
             )
         out.extend(found)
+    if remote:
+        storage.check_shards(remote)
     return out
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """All shard URLs of ``urls`` in order: brace patterns (``dir/shard-{000000..000009}.tar``), '::'-joined
-    patterns, local directories (their ``*.tar``), local globs, ``pipe:CMD`` and fsspec URLs (``s3://...``).
+    patterns, local directories (their ``*.tar``), local globs, ``pipe:CMD`` and fsspec URLs (``s3://...``,
+    including a prefix ending in ``/`` or a glob, which are listed).
 
-    Raises FileNotFoundError naming the pattern when a local path matches nothing, ValueError when empty.
+    Raises FileNotFoundError naming the pattern when a local path matches nothing, ``gcl.storage.StorageError``
+    (URL, server and fix) when an object-store URL cannot be read, ValueError when empty.
     """
     patterns = [urls] if isinstance(urls, str) else list(urls)
     out = [u for p in patterns for u in _expand_one(p)]
