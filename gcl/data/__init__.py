@@ -3,8 +3,11 @@
     catalog/     the procedural fashion catalog (``python -m gcl.data.synthetic``; ``synthetic`` re-exports it)
     prepare      a user table (+ images) -> shards: options, row mapping, workers, report, CLI
     read         reading that table and its images: formats, rows, columns, cell values, image decoding
+    download     a table whose images are URLs -> shards: HTTP fetch, failure reasons, resumable chunks, CLI
+    hf           Hugging Face dataset copies (folder / HF cache): splits, Marqo's columns, CLI (via prepare)
     schema       the shard schema: text fields, image extensions, sample keys, ``stable_hash``
-    shards       shard files: ``ShardWriter``, ``expand_urls``, reading a shard's raw samples
+    shards       shard files: ``ShardWriter``, ``expand_urls`` (object-store URLs checked via ``gcl.storage``),
+                 reading a shard's raw samples
     batch        raw sample -> decoded sample -> the batch dict (shared by training and evaluation)
     stream       the resumable training stream (``build_train_stream``, ``TrainStream``)
     eval_loader  one ordered pass for evaluation (``build_eval_loader``)
