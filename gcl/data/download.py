@@ -304,13 +304,12 @@ class _Row:
     index: int
     result: Any  # P._Sample | P._Reject
     url: str | None
-    fetched: bool
 
 
 def _process(fetcher: Fetcher, settings: Any, index: int, row: Any) -> _Row:
     """Fetch the row's image when it is a URL, then run prepare's row logic on the bytes."""
     if isinstance(row, R._Unparsable):
-        return _Row(index, P._process_row(settings, index, row), None, False)
+        return _Row(index, P._process_row(settings, index, row), None)
     url = R._image_url(row.get(settings.image_column))
     if url is not None:
         try:
@@ -318,7 +317,7 @@ def _process(fetcher: Fetcher, settings: Any, index: int, row: Any) -> _Row:
             check_image(data, fetcher.opts.max_pixels)
         except _Fail as fail:
             key = _raw_key(settings, index, row)
-            return _Row(index, P._Reject(key, fail.reason, fail.detail), url, True)
+            return _Row(index, P._Reject(key, fail.reason, fail.detail), url)
         row = dict(row)
         row[settings.image_column] = data
     result = P._process_row(settings, index, row)
@@ -328,7 +327,7 @@ def _process(fetcher: Fetcher, settings: Any, index: int, row: Any) -> _Row:
         result = P._Reject(result.key, "truncated", result.detail)
     if isinstance(result, P._Sample) and url is not None:
         result.fields.setdefault("image_url", url)
-    return _Row(index, result, url, url is not None)
+    return _Row(index, result, url)
 
 
 def _raw_key(settings: Any, index: int, row: dict[str, Any]) -> str | None:
