@@ -251,7 +251,7 @@ def test_gs10m_hub_layout_evaluates_like_the_released_tar(tmp_path, monkeypatch)
     got = evaluate_model(bundle, _preset("marqo_gs10m_hf", data_root=str(tmp_path / "hub")))
     assert len(got) == len(ref) > 0
     for task in hf.GS10M_SPLITS.values():
-        for metric in ("ndcg@10", "err", "rbp@0.8", "map@1000", "mrr@1000", "recall@10"):
+        for metric in ("ndcg@10", "err", "rbp@0.8", "map@1000", "mrr@1000"):
             assert got[f"marqo_gs10m_hf/{task}/{metric}"] == ref[f"marqo_gs10m/{task}/{metric}"], (task, metric)
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -282,3 +282,18 @@ def test_marqo_ecommerce_sets_evaluate_from_the_hf_cache_like_from_a_folder(tmp_
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(MissingDataError, match="eval.data_root=DIR.*Hugging Face cache"):
         evaluate_model(bundle, _preset("marqo_ecommerce"))
+
+
+def test_the_hub_preset_keeps_every_protocol_value_of_marqo_gs10m():
+    """marqo_gs10m_hf differs from marqo_gs10m only in where the data comes from (names kept per split)."""
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "eval"
+    tar, hub = (OmegaConf.to_container(OmegaConf.load(conf / f"{n}.yaml")) for n in ("marqo_gs10m", "marqo_gs10m_hf"))
+    source = {"table", "corpus", "hf_dataset", "image_column", "image_root"}
+    top = {"name", "data_root", "params", "tasks"}
+    assert {k: v for k, v in tar.items() if k not in top} == {k: v for k, v in hub.items() if k not in top}
+    assert [t["name"] for t in hub["tasks"]] == [t["name"] for t in tar["tasks"]] == list(hf.GS10M_SPLITS.values())
+    for a, b, split in zip(tar["tasks"], hub["tasks"], hf.GS10M_SPLITS):
+        assert {k: v for k, v in a.items() if k not in source} == {k: v for k, v in b.items() if k not in source}
+        assert b["table"] == b["corpus"] == f"marqo-GS-10M/data/{split}-*.parquet"
