@@ -81,8 +81,9 @@ def _const_cooldown(step: int, warmup: int, total: int, min_ratio: float, cooldo
     start = total - cooldown
     if step < start:
         return 1.0
-    # linear decay to min_ratio over the last `cooldown` steps
-    progress = min(1.0, (step - start + 1) / max(1, cooldown))
+    # Linear decay over the last `cooldown` steps, reaching min_ratio one step AFTER the last one (as open_clip's
+    # const_lr_cooldown): the last step still trains, at (1 - min_ratio) / cooldown above the minimum.
+    progress = min(1.0, (step - start) / cooldown)
     return 1.0 - (1.0 - min_ratio) * progress
 
 
@@ -91,7 +92,15 @@ SCHEDULES = ("cosine", "constant", "const_cooldown")
 
 def lr_factor(name: str, *, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0,
               cooldown_steps: int = 0) -> Callable[[int], float]:
-    """The multiplier of the base lr at optimizer step ``s`` (0-based) for schedule ``name``."""
+    """The multiplier of the base lr at optimizer step ``s`` (0-based) for schedule ``name``.
+
+    Step ``s`` trains with this factor (``LambdaLR`` applies ``f(0)`` at construction and ``f(s)`` after the
+    ``s``-th ``scheduler.step()``), as open_clip's ``_lr_adjuster(step)`` called before step ``s``. Warmup is
+    ``(s + 1) / warmup_steps``; ``cosine`` then decays over ``[warmup_steps, total_steps)`` to ``min_lr_ratio``
+    (open_clip's ``cosine_lr`` for ratio 0); ``constant`` stays at 1 (``const_lr``); ``const_cooldown``
+    decays linearly from 1 at step ``total - cooldown`` towards ``min_lr_ratio``, which it would reach at step
+    ``total`` (``const_lr_cooldown`` with power 1), so every step trains.
+    """
     if name not in SCHEDULES:
         raise ValueError(f"sched.name={name!r} is not one of {SCHEDULES}")
     if name == "const_cooldown":

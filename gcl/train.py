@@ -111,6 +111,7 @@ class Trainer:
         self.remote = (RemoteSync(cfg.trainer.remote_sync, self.run_dir)
                        if cfg.trainer.remote_sync and self.is_main else None)
         self.step = 0
+        self.step_lr: float | None = None  # the lr of the last train_step (param group 0), as logged
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.best: float | None = None
@@ -350,6 +351,8 @@ class Trainer:
         finite = torch.isfinite(metrics["loss"]).to(torch.float32).reshape(1)
         all_finite = bool(all_reduce_sum(finite.clone()).item() == self.world_size)
         grad_clip = self.cfg.optim.grad_clip
+        # The lr this step trains with (the scheduler moves on below): what metrics.jsonl logs for this step.
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
         if all_finite:
             params = [p for p in self.model.parameters() if p.requires_grad]
             if grad_clip:
@@ -465,7 +468,7 @@ class Trainer:
         vals = torch.stack([out[n].float().reshape(()) for n in names]).cpu()
         vals = all_reduce_sum(vals) / self.world_size  # mean over ranks
         row: dict[str, Any] = {n: float(v) for n, v in zip(names, vals)}
-        row.update(lr=self.scheduler.get_last_lr()[0], logit_scale=float(self.model.logit_scale.detach().exp()),
+        row.update(lr=self.step_lr, logit_scale=float(self.model.logit_scale.detach().exp()),
                    samples_per_s=rate, world_size=self.world_size, nonfinite_total=self.nonfinite_total)
         if getattr(self.model, "logit_bias", None) is not None:
             row["logit_bias"] = float(self.model.logit_bias.detach())

@@ -75,9 +75,16 @@ def test_accumulation_equals_one_big_batch(tmp_path, catalog_cache, loss):
 
 def test_metrics_jsonl_contract(tmp_path, catalog_cache):
     run = tmp_path / "run"
-    _cli(run, catalog_cache, "trainer.max_steps=3", "trainer.save_every=2")
+    _cli(run, catalog_cache, "trainer.max_steps=3", "trainer.save_every=2", "sched=cosine", "sched.warmup_steps=2",
+         "optim.lr=5e-4")
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # row k logs the lr step k trained with: open_clip's schedule at its 0-based step k-1 (2.5e-4, 5e-4, 5e-4)
+    from open_clip_train.scheduler import cosine_lr
+
+    adjust = cosine_lr(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 5e-4, 2, 3)
+    want = [adjust(s) for s in range(3)]
+    assert [r["lr"] for r in rows] == pytest.approx(want, rel=1e-12), want
     for r in rows:
         for k in ("loss", "lr", "logit_scale", "samples_per_s", "world_size", "loss/title_image", "loss/colors_image"):
             assert k in r, k
