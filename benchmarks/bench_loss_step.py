@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from gcl.data.batch import token_row_ids
 from gcl.data.schema import TEXT_FIELDS, stable_hash
 from gcl.loss import build_loss
 from gcl.model import FieldEncoder, build_model
@@ -99,7 +100,7 @@ def main() -> None:
     full = {f: torch.nn.functional.pad(t, (0, ctx - t.shape[1]), value=pad) for f, t in tokens.items()}
     meta = {
         "present": {f: torch.ones(b, dtype=torch.bool, device=dev) for f in [*fields, "image"]},
-        "text_id": {f: torch.tensor([stable_hash(t) for t in texts[f]], device=dev) for f in fields},
+        "text_id": {f: token_row_ids(tokens[f], torch.ones(b, dtype=torch.bool), pad).to(dev) for f in fields},
         "item_id": torch.tensor([stable_hash(f"item-{i}") for i in range(b)], device=dev),
     }
     images = torch.randn(b, 3, *size, device=dev)

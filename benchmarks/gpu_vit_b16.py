@@ -54,7 +54,7 @@ def _field_text(row: dict, field: str) -> str:
 
 
 def _batch(bundle, rows: list[dict], fields: list[str], image_size: int, device, full_context: bool):
-    from gcl.data.schema import stable_hash
+    from gcl.data.batch import token_row_ids
 
     b = len(rows)
     batch = {"image": torch.randn(b, 3, image_size, image_size, device=device), "tokens": {}, "present": {},
@@ -69,7 +69,7 @@ def _batch(bundle, rows: list[dict], fields: list[str], image_size: int, device,
             tok = tok[:, :keep]
         batch["tokens"][f] = tok
         batch["present"][f] = torch.ones(b, dtype=torch.bool, device=device)
-        batch["text_id"][f] = torch.tensor([stable_hash(t) for t in texts], device=device)
+        batch["text_id"][f] = token_row_ids(tok, batch["present"][f], bundle.pad_id).to(device)  # as the collator
     batch["present"]["image"] = torch.ones(b, dtype=torch.bool, device=device)
     return batch
 

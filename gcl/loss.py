@@ -39,6 +39,9 @@ Rows whose score is missing (NaN) or invalid are left out of the term and counte
 positives, not negatives, of each other. Pairs (i, j) are positives when ``i == j``, or they share an
 ``item_id``, or a side is text-only and all its fields' ``text_id`` are equal (e.g. two products whose
 ``colors`` are both "black": identical text gives identical features, so the pair cannot be told apart).
+The data path derives ``text_id`` from the token rows (:func:`gcl.data.batch.token_row_ids`), so texts are
+duplicates exactly when the encoder sees the same tokens ("Black" / "black " under a lower-casing tokenizer,
+texts equal after truncation).
 The design brief names the left side; we apply the same rule to a text-only right side so that a term and
 its mirror (``image <-> colors``) behave alike. Sides that contain the image use ``item_id`` only. CLIP uses
 a soft target spread uniformly over the row's positives (soft-target cross entropy); SigLIP labels them +1.

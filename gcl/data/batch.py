@@ -2,15 +2,16 @@
 
 Lives here: the batch layout shared by the training stream and the eval loader (docs/architecture.md):
 ``_Decoder`` (json + RGB image + transform, or ``_Skip(reason)``), ``_Collator`` (tokens per field trimmed
-to the longest row, presence masks, text ids, item ids, scores), ``pad_id_of``, skip accounting
-(``SKIP_REASONS``, ``_SkipLog``), the worker -> main process wire format (``_to_wire`` / ``_from_wire``),
-argument checks shared by both builders and ``concat_batches``.
+to the longest row, presence masks, text ids from the token rows (``token_row_ids``), item ids, scores),
+``pad_id_of``, skip accounting (``SKIP_REASONS``, ``_SkipLog``), the worker -> main process wire format
+(``_to_wire`` / ``_from_wire``), argument checks shared by both builders and ``concat_batches``.
 
 Not here: which samples come in which order and how a position is resumed (``gcl.data.stream``), the
 one-pass eval loader (``gcl.data.eval_loader``), shard files and URLs (``gcl.data.shards``).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -121,6 +122,25 @@ def pad_id_of(tokenizer: Any) -> int:
     return int(pad) if pad is not None else 0
 
 
+def token_row_ids(tokens: torch.Tensor, present: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """LongTensor[B]: the duplicate id of each row of ``tokens`` [B, L] (one field's token rows).
+
+    Rows are duplicates exactly when the text tower sees the same tokens: "Black" and "black" under a
+    lower-casing tokenizer, whitespace variants, texts that differ only after the truncation point. The id is
+    a process-independent 63-bit hash of the row without its trailing ``pad_id`` tokens (so it does not depend on
+    the batch's trimmed width, which varies across batches and ranks); 0 where ``present`` is False.
+    """
+    rows = tokens.to(torch.int64).cpu().numpy()
+    out = np.zeros(rows.shape[0], dtype=np.int64)
+    keep = (rows != pad_id)
+    # length without trailing pads: 1 + index of the last non-pad token (0 for an all-pad row)
+    lengths = np.where(keep.any(axis=1), rows.shape[1] - np.argmax(keep[:, ::-1], axis=1), 0)
+    for i in np.flatnonzero(present.cpu().numpy()):
+        digest = hashlib.blake2b(rows[i, : lengths[i]].astype("<i8").tobytes(), digest_size=8).digest()
+        out[i] = (int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF) or 1
+    return torch.from_numpy(out)
+
+
 class _Collator:
     """Decoded samples -> the batch dict of docs/architecture.md (see ``build_train_stream``)."""
 
@@ -144,14 +164,15 @@ class _Collator:
         text = {f: [s["text"][f] for s in samples] for f in self.fields}
         present = {f: torch.tensor([t is not None for t in ts], dtype=torch.bool) for f, ts in text.items()}
         present["image"] = torch.ones(len(samples), dtype=torch.bool)
+        tokens = {f: self.tokens(ts, self.ctx[f]) for f, ts in text.items()}
         return {
             # default_collate stacks straight into shared memory inside a worker, saving the copy that
             # sending a plain stacked tensor to the main process would cost (~B*3*H*W*4 bytes per batch).
             "image": default_collate([s["image"] for s in samples]),
-            "tokens": {f: self.tokens(ts, self.ctx[f]) for f, ts in text.items()},
+            "tokens": tokens,
             "present": present,
-            "text_id": {f: torch.tensor([stable_hash(t) if t is not None else 0 for t in ts], dtype=torch.long)
-                        for f, ts in text.items()},
+            # duplicates are what the encoder sees: ids from the token rows, not from the raw strings
+            "text_id": {f: token_row_ids(tokens[f], present[f], self.pad) for f in text},
             "item_id": torch.tensor([stable_hash(s["item_id"]) for s in samples], dtype=torch.long),
             "score": torch.tensor([s["score"] for s in samples], dtype=torch.float32),
             "position": torch.tensor([s["position"] for s in samples], dtype=torch.float32),

@@ -434,7 +434,7 @@ def build_train_stream(
 
     Yields (per batch): ``image`` FloatTensor[B,3,H,W]; ``tokens[f]`` LongTensor[B,L_f] (L_f <= context
     length, trimmed to the longest row, missing rows all pad); ``present[f]`` BoolTensor[B] (plus
-    ``present["image"]``, all True); ``text_id[f]`` LongTensor[B] (stable hash, 0 if missing);
+    ``present["image"]``, all True); ``text_id[f]`` LongTensor[B] (hash of the token row, 0 if missing);
     ``item_id`` LongTensor[B]; ``score``/``position`` FloatTensor[B] (NaN if missing); ``text[f]``
     list[str | None]; ``key`` list[str]; ``skipped`` dict[reason, int] (skips since this worker's
     previous batch).
