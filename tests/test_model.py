@@ -185,6 +185,28 @@ def test_dedup_outputs_and_gradients_equal_naive(which, packing, request):
         assert (g - r).abs().max() <= 1e-5 * r.abs().max() + 1e-6, name_p
 
 
+@pytest.mark.parametrize("which", ["tiny", "tiny_siglip"])
+def test_no_present_text_still_reaches_the_text_tower_with_zero_gradient(which, request):
+    """A batch without any present text row gives zero features whose backward reaches exactly the parameters a
+    batch with text reaches, each with an exactly zero gradient (DDP needs the same parameters on every rank)."""
+    bundle = request.getfixturevalue(which)
+    enc = bundle.field_encoder()
+    names = [n for n, p in bundle.model.named_parameters() if p.requires_grad]
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    tokens, present = batch_tokens(bundle, {"colors": TEXTS["colors"]})
+    with_text = torch.autograd.grad(enc.encode_text_fields(tokens, present)["colors"].sum(), params,
+                                    allow_unused=True)
+    reached = {n for n, g in zip(names, with_text) if g is not None}
+    assert any(n.startswith(("transformer.", "text.")) for n in reached)
+
+    none = {"colors": torch.zeros(6, dtype=torch.bool)}
+    out = enc.encode_text_fields({"colors": torch.zeros(6, 1, dtype=torch.long)}, none)["colors"]
+    assert out.shape == (6, 128) and bool((out == 0).all()) and out.requires_grad
+    grads = torch.autograd.grad((out * torch.randn(6, 128)).sum(), params, allow_unused=True)
+    assert {n for n, g in zip(names, grads) if g is not None} == reached
+    assert all(bool((g == 0).all()) for g in grads if g is not None)
+
+
 def test_field_encoder_forward_batch(tiny):
     tokens, present = batch_tokens(tiny)
     images = torch.randn(6, 3, 64, 64)

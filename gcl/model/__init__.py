@@ -87,8 +87,10 @@ class ModelBundle:
     text_packing: str = "buckets"  # verified at build: "prefix" or "buckets" (see FieldEncoder)
 
     def field_encoder(self, **kwargs: Any) -> FieldEncoder:
-        """A :class:`FieldEncoder` for this model, tokenizer padding, real-length and packing decisions."""
+        """A :class:`FieldEncoder` for this model, tokenizer padding, real-length and packing decisions; its
+        placeholder row (for batches without any present text) is the tokenizer's row for an empty text."""
         kwargs.setdefault("text_packing", self.text_packing)
+        kwargs.setdefault("null_tokens", self.tokenizer([""], context_length=self.context_length)[0])
         return FieldEncoder(self.model, self.real_length, self.pad_id, self.context_length, **kwargs)
 
 

@@ -70,16 +70,31 @@ class FieldEncoder(nn.Module):
       (``S * heads * C * C`` floats) would exceed ``max_mask_bytes`` (256 MiB) is split in two;
     * ``real_length=False`` (SigLIP-like towers): rows are padded with ``pad_id`` back to ``context_length``
       and encoded by ``model.encode_text`` in one pass, exactly as the model was trained.
+
+    A batch with no present row in any requested text field still runs the text tower, on one placeholder row
+    (``null_tokens``: the tokenizer's row for an empty text; ``ModelBundle.field_encoder`` passes it), whose
+    output enters the result multiplied by zero. Every process's backward then reaches the same text-tower
+    parameters whatever its data holds (DDP's reducer, and FSDP's collectives, need that on every rank and
+    every GradCache micro-batch), and the gradient is exactly unchanged. Without ``null_tokens`` the
+    placeholder is ``[pad_id, pad_id]``.
     """
 
     def __init__(self, model: nn.Module, real_length: bool, pad_id: int, context_length: int,
                  max_passes: int = 8, pass_overhead_tokens: int | None = None, text_packing: str = "auto",
-                 max_mask_bytes: int = 1 << 28) -> None:
+                 max_mask_bytes: int = 1 << 28, null_tokens: Tensor | None = None) -> None:
         super().__init__()
         self.model = model
         self.real_length = bool(real_length)
         self.pad_id = int(pad_id)
         self.context_length = int(context_length)
+        if null_tokens is None:
+            null_tokens = torch.full((2,), self.pad_id, dtype=torch.long)
+        null_tokens = torch.as_tensor(null_tokens, dtype=torch.long).reshape(-1)
+        if not 0 < null_tokens.numel() <= self.context_length:
+            raise ValueError(f"null_tokens must be one token row of 1..{self.context_length} tokens, got "
+                             f"{null_tokens.numel()}")
+        # A plain attribute, not a buffer: DDP would broadcast a buffer on every forward.
+        self.null_tokens = null_tokens
         self.max_passes = max_passes
         self.pass_overhead_tokens = pass_overhead_tokens
         self.max_mask_bytes = int(max_mask_bytes)
@@ -93,7 +108,6 @@ class FieldEncoder(nn.Module):
             raise ValueError("text_packing='prefix' needs a real-length causal text tower built from open_clip "
                              "ResidualAttentionBlocks; use text_packing='auto' or 'buckets'")
         self.text_packing = "prefix" if packable and text_packing != "buckets" else "buckets"
-        self._embed_dim: int | None = None
         self.last_passes = 0  # text-tower passes of the last call (for tests and logging)
         self.last_unique_rows = 0
         self.last_text_slots = 0  # token positions the text tower ran over in the last call, padding included
@@ -170,12 +184,17 @@ class FieldEncoder(nn.Module):
         self.last_text_slots += plan.tokens.numel()
         return _forward_packed(parts, plan).float()
 
-    def _zero_rows(self, batch_size: int, device: torch.device) -> Tensor:
-        if self._embed_dim is None:
-            with torch.no_grad():
-                probe = torch.full((1, 2), self.pad_id, dtype=torch.long, device=device)
-                self._embed_dim = self.encode_tokens(probe).shape[1]
-        return torch.zeros(batch_size, self._embed_dim, device=device)
+    def _null_rows(self, batch_size: int, device: torch.device) -> Tensor:
+        """FloatTensor[B, D] of zeros that depends on every text-tower parameter (zero gradient): the placeholder
+        row is encoded and multiplied by zero (see the class docstring)."""
+        enc = self._encode_unique(self.null_tokens.to(device).unsqueeze(0))
+        self.last_unique_rows = 0
+        # 0 * NaN would poison every gradient of the step, so a tower that cannot encode the placeholder stops here.
+        if not bool(torch.isfinite(enc).all()):
+            raise RuntimeError(f"the text tower gave non-finite features for the placeholder row "
+                               f"{self.null_tokens.tolist()} (used when a batch has no present text row); build the "
+                               "encoder with ModelBundle.field_encoder(), which passes the tokenizer's empty-text row")
+        return (enc * 0).expand(batch_size, -1)
 
     def encode_text_fields(self, tokens: Mapping[str, Tensor], present: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Encode several text fields together.
@@ -200,13 +219,11 @@ class FieldEncoder(nn.Module):
             masks.append(m)
         all_rows = torch.cat(rows)
         if all_rows.shape[0] == 0:
-            self.last_passes = self.last_unique_rows = 0
-            zeros = self._zero_rows(b, device)
+            zeros = self._null_rows(b, device)
             return {f: zeros.clone() for f in names}
         uniq, inverse = torch.unique(all_rows, dim=0, return_inverse=True)
         self.last_unique_rows = uniq.shape[0]
         enc = self._encode_unique(uniq)
-        self._embed_dim = enc.shape[1]
         # Row 0 of the table is the zero vector for missing values; one gather per field scatters back.
         table = torch.cat([enc.new_zeros(1, enc.shape[1]), enc])
         out, start = {}, 0
