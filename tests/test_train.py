@@ -100,11 +100,22 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(find_checkpoint(run))["model"]
 
 
+def _patch_dropout_model(tmp_path: Path) -> list[str]:
+    """Overrides for gcl-tiny with patch dropout 0.5 (a model whose forward draws random numbers)."""
+    cfg = json.loads((ROOT / "gcl" / "model_configs" / "gcl-tiny.json").read_text())
+    cfg["vision_cfg"]["patch_dropout"] = 0.5
+    path = tmp_path / "gcl-tiny-pd.json"
+    path.write_text(json.dumps(cfg))
+    return ["model.name=gcl-tiny-pd", f"model.config_path={path}"]
+
+
 @pytest.mark.slow
 def test_sigkill_resume_equals_uninterrupted(tmp_path, catalog_cache):
-    """Kill -9 a run mid-epoch between checkpoints; resume=auto ends with the uninterrupted run's weights."""
-    args = ["trainer.max_steps=9", "trainer.save_every=3", "data.num_workers=1", "data.batch_size=8",
-            "sched.warmup_steps=2"]
+    """Kill -9 a run mid-epoch between checkpoints; resume=auto ends with the uninterrupted run's weights, with
+    2 loader workers and a model that draws random numbers in its forward (patch dropout): the DataLoader
+    must not draw from the restored global generator (issue 12.3)."""
+    args = ["trainer.max_steps=9", "trainer.save_every=3", "data.num_workers=2", "data.batch_size=8",
+            "sched.warmup_steps=2", *_patch_dropout_model(tmp_path)]
     ref = tmp_path / "ref"
     _cli(ref, catalog_cache, *args)
 

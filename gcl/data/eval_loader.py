@@ -90,7 +90,9 @@ class EvalLoader:
     def __iter__(self) -> Iterator[Batch]:
         ds = _EvalDataset(self.urls, self._spec)
         it = iter(ds) if self.num_workers == 0 else iter(
-            DataLoader(ds, batch_size=None, num_workers=self.num_workers, persistent_workers=False))
+            DataLoader(ds, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
+                       # its own generator: an in-loop evaluation must not advance the training RNG
+                       generator=torch.Generator().manual_seed(0)))
         totals = Counter(self.skipped)
         for batch in it:
             batch = _from_wire(batch)

@@ -71,7 +71,7 @@ STATE_VERSION = 1
 _MAX_CONSECUTIVE_SKIPS = 10_000
 _MIX_CHUNK = 1024  # per-sample source choices are drawn this many at a time (one RNG per chunk)
 # Salts keep the RNG streams of different purposes independent for the same (seed, ...) numbers.
-_SALT_EPOCH, _SALT_RESAMPLE, _SALT_MIX, _SALT_BLOCK, _SALT_SAMPLE = 1, 2, 3, 4, 5
+_SALT_EPOCH, _SALT_RESAMPLE, _SALT_MIX, _SALT_BLOCK, _SALT_SAMPLE, _SALT_LOADER = 1, 2, 3, 4, 5, 6
 
 
 # ----------------------------------------------------------------------------------- raw sample cursors
@@ -364,6 +364,14 @@ class TrainStream:
         """Batches yielded so far (over the stream's life, resumes included)."""
         return self._batches
 
+    def _loader_generator(self) -> torch.Generator:
+        """The DataLoader's own generator. Without one, starting the workers draws their base seed from the
+        global generator: a resumed run, whose trainer restored that generator from the checkpoint, would
+        then draw it again and its dropout / patch dropout would diverge from the uninterrupted run. Workers
+        reseed per sample (``_seed_all``), so this seed only has to be fixed, not meaningful."""
+        seed = np.random.SeedSequence([self._spec["seed"], _SALT_LOADER, self.rank, self._batches])
+        return torch.Generator().manual_seed(int(seed.generate_state(1)[0]))
+
     def __iter__(self) -> Iterator[Batch]:
         n_logical = max(1, self.num_workers)
         ds = _TrainDataset(self._spec, [dict(p) for p in self._positions], self._next_worker)
@@ -371,7 +379,8 @@ class TrainStream:
             it: Iterator[Batch] = iter(ds)
         else:
             it = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                 prefetch_factor=self.prefetch_factor, persistent_workers=False))
+                                 prefetch_factor=self.prefetch_factor, persistent_workers=False,
+                                 generator=self._loader_generator()))
         try:
             for batch in it:
                 batch = _from_wire(batch)

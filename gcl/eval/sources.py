@@ -197,8 +197,9 @@ class TableDocs:
         mine = [j for j in range(reader.n) if not (sharded and world_size > 1) or j % world_size == rank]
         doc_of_row = {reader.doc_rows[j]: j for j in mine}
         ds = T.ImageDataset(reader, image_transform, set(doc_of_row))
+        # its own generator: an in-loop evaluation must not advance the training RNG
         loader = torch.utils.data.DataLoader(ds, batch_size=emb.batch_size, num_workers=num_workers,
-                                             collate_fn=T.collate_images)
+                                             collate_fn=T.collate_images, generator=torch.Generator().manual_seed(0))
         idx_all, feats, bad = [], [], []
         for b in loader:
             bad += [(doc_of_row[r], e) for r, e in b["bad"]]
