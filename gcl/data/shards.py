@@ -2,9 +2,9 @@
 reading one shard's raw samples.
 
 Lives here: ``ShardWriter`` (used by the synthetic catalog and ``prepare``), ``expand_urls`` (brace patterns,
-'::' lists, local folders and globs, ``pipe:`` and object-store URLs -> the list of shard URLs), ``_open_url``
-and ``_iter_shard`` (a shard's raw ``{"__key__", "__url__", ext: bytes}`` samples, damaged parts skipped and
-reported).
+'::' lists, local folders and globs, ``pipe:`` and object-store URLs -> the list of shard URLs), ``shard_sizes``
+(sample counts from ``sizes.json``, or counted from local tar headers), ``_open_url`` and ``_iter_shard`` (a
+shard's raw ``{"__key__", "__url__", ext: bytes}`` samples, damaged parts skipped and reported).
 
 Not here: decoding samples and making batches (``gcl.data.batch``), the training stream and the eval loader
 (``gcl.data.stream``, ``gcl.data.eval_loader``), the sample schema (``gcl.data.schema``).
@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -201,6 +202,111 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     if not out:
         raise ValueError(f"no shard URLs in {urls!r}; pass a brace pattern such as 'dir/shard-{{000000..000009}}.tar'")
     return out
+
+
+# ------------------------------------------------------------------------------------------ shard sizes
+
+SIZES = "sizes.json"
+
+
+def _sizes_location(url: str) -> tuple[str, str, bool] | None:
+    """(where the ``sizes.json`` beside ``url`` is, the shard's name in it, local?); None for ``pipe:`` URLs."""
+    if url.startswith("pipe:"):
+        return None
+    if _is_local(url):
+        path = urlparse(url).path if url.startswith("file:") else url
+        return os.path.join(os.path.dirname(path), SIZES), os.path.basename(path), True
+    head, _, name = url.rpartition("/")
+    return f"{head}/{SIZES}", name, False
+
+
+def _read_sizes(location: str, local: bool) -> dict[str, int] | None:
+    """The mapping in one ``sizes.json``: {} when a local one does not exist, None when a remote one cannot be
+    read. A file that exists but is not a {shard name: count >= 0} object raises ValueError naming it."""
+    try:
+        if local:
+            if not os.path.isfile(location):
+                return {}
+            text = Path(location).read_text(encoding="utf-8")
+        else:
+            with _open_url(location) as fh:
+                text = fh.read().decode("utf-8")
+    except Exception as exn:  # noqa: BLE001 - no readable remote sizes.json: the caller falls back
+        logger.debug("cannot read %s: %r", location, exn)
+        return None
+    try:
+        sizes = json.loads(text)
+    except json.JSONDecodeError as exn:
+        raise ValueError(f"{location} is not valid JSON ({exn}); it must map shard file names to sample counts "
+                         "(delete it to have local shards counted, or rewrite it)") from None
+    if not isinstance(sizes, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values()):
+        raise ValueError(f"{location} must be a JSON object of shard file name -> sample count (an integer >= 0)")
+    return sizes
+
+
+def count_samples(path: str) -> int:
+    """Samples in a local tar shard, from its member headers alone (the data is seeked over, not read).
+
+    Counts what ``_iter_shard`` yields: regular members outside webdataset's ``__meta__`` names, grouped by
+    consecutive keys (the name up to the first dot of its last path part).
+    """
+    from webdataset.tariterators import base_plus_ext
+
+    n, last = 0, None
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            name = member.name
+            if not member.isreg() or re.match(r"__[^/]*__($|/)", name):
+                continue
+            key, _ = base_plus_ext(name)
+            if key is not None and key != last:
+                n, last = n + 1, key
+    return n
+
+
+def shard_sizes(urls: Sequence[str]) -> list[int] | None:
+    """The sample count of every shard in ``urls``, read from the ``sizes.json`` beside each shard.
+
+    Local shards that no ``sizes.json`` lists are counted from their tar headers (a warning names the folder:
+    writing ``sizes.json`` saves that pass). Returns None, with a warning, when a shard's size cannot be known
+    without downloading it (``pipe:`` URLs, remote shards without a readable ``sizes.json``).
+    """
+    tables: dict[str, dict[str, int] | None] = {}
+    out: list[int] = []
+    counted: dict[str, list[str]] = {}
+    t0 = time.perf_counter()
+    for url in urls:
+        loc = _sizes_location(url)
+        if loc is None:
+            return _unknown_sizes(url, "a pipe: URL has no sizes.json beside it")
+        where, name, local = loc
+        if where not in tables:
+            tables[where] = _read_sizes(where, local)
+        table = tables[where]
+        if table is not None and name in table:
+            out.append(table[name])
+        elif local:
+            path = urlparse(url).path if url.startswith("file:") else url
+            out.append(count_samples(path))
+            counted.setdefault(os.path.dirname(path) or ".", []).append(name)
+        else:
+            return _unknown_sizes(url, f"{where} {'does not list it' if table is not None else 'cannot be read'}")
+    for folder, names in counted.items():
+        logger.warning(
+            "%s in %s lists %d of its shards (e.g. %s) only by counting their tar headers (%.1fs for all); write "
+            "%s (shard file name -> sample count; ShardWriter and gcl.data.prepare do) to skip this",
+            SIZES if os.path.isfile(os.path.join(folder, SIZES)) else f"no {SIZES}", folder, len(names), names[0],
+            time.perf_counter() - t0, SIZES)
+    return out
+
+
+def _unknown_sizes(url: str, why: str) -> None:
+    logger.warning(
+        "shard sizes unknown for %s (%s): epochs fall back to whole shards per rank x worker, so one epoch may "
+        "show some samples twice and others not at all; put a %s (shard file name -> sample count) beside "
+        "the shards for exact epochs", url, why, SIZES)
+    return None
 
 
 def _open_url(url: str) -> Any:

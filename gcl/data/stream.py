@@ -2,9 +2,10 @@
 
 The pipeline, per DataLoader worker ("slot" = one worker of one rank)::
 
-    shard lists  -> per-source cursors (epoch shuffle + rank x worker split, or resampled draws)
+    shard lists  -> per-source cursors (exact epochs: shard shuffle + samples split over ranks x workers;
+                                        or resampled draws)
                  -> weighted per-sample mix of sources            (raw bytes, nothing decoded yet)
-                 -> block shuffle (permute blocks of ``shuffle_buffer`` raw samples)
+                 -> block shuffle (permute blocks of ``shuffle_buffer`` raw samples, never two epochs)
                  -> decode json + RGB image, list->string rule, seeded image transform
                  -> batch of ``batch_size`` good samples, tokenized per field, trimmed per field
 
@@ -14,6 +15,14 @@ most one block of raw bytes (never decoding the samples it skips) and reproduces
 stream exactly. Every random choice is a pure function of ``(seed, slot, position)``: shard order of
 ``(seed, source, epoch)`` (the same on every rank, so ranks split it disjointly), block permutations of
 ``(seed, slot, block)``, augmentation and list sampling of ``(seed, slot, block, index)``.
+
+Exact epochs: with the shard sizes known (``sizes.json``, see ``gcl.data.shards.shard_sizes``), each epoch's
+samples, in its shard order, are cut into one contiguous run per slot, of sizes that differ by at most one
+and add up to the epoch (``_quota``). Every slot makes one batch per round, so all slots cross each epoch
+boundary together and every sample is read exactly once per epoch over all ranks x workers, however uneven
+the shards are. An epoch that does not divide into batches is carried, not dropped: its last samples share a
+batch with the first samples of the next epoch (a sample can then meet its next-epoch self in that one batch).
+Without sizes, each slot takes whole shards (every n-th) and epochs are approximate (a warning says so).
 
 Batches are made inside the workers; the DataLoader hands them over round-robin (worker 0, 1, ...),
 so the main process knows which worker made each batch and records that worker's position after it.
@@ -62,7 +71,7 @@ from gcl.data.batch import (  # noqa: F401 - LIST_RULES, SKIP_REASONS, concat_ba
 )
 from gcl.data.eval_loader import EvalLoader, build_eval_loader  # noqa: F401 - re-exported
 from gcl.data.schema import stable_hash
-from gcl.data.shards import _iter_shard, expand_urls
+from gcl.data.shards import _iter_shard, expand_urls, shard_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -76,42 +85,84 @@ _SALT_EPOCH, _SALT_RESAMPLE, _SALT_MIX, _SALT_BLOCK, _SALT_SAMPLE, _SALT_LOADER 
 
 # ----------------------------------------------------------------------------------- raw sample cursors
 
+def _quota(total: int, epoch: int, slot: int, n_slots: int) -> int:
+    """Samples slot ``slot`` of ``n_slots`` reads in ``epoch`` of a source of ``total`` samples.
+
+    Slot s's running total after epoch e is ``floor(((e+1) * total + s) / n_slots)``: by Hermite's identity the
+    slots' totals add up to ``(e+1) * total`` exactly, and any two slots' totals differ by at most one, so
+    slots that consume samples at the same rate cross every epoch boundary together (within one sample).
+    """
+    return ((epoch + 1) * total + slot) // n_slots - (epoch * total + slot) // n_slots
+
+
+def _exact_share(sizes: list[int], perm: np.ndarray, epoch: int, slot: int, n_slots: int) -> list[tuple[int, int, int]]:
+    """This slot's share of an epoch: ``(shard index, first sample, end sample)`` pieces, in reading order.
+
+    The epoch is the shards in ``perm`` order, concatenated; slot s reads the contiguous run of ``_quota``
+    samples after those of slots 0..s-1. Slots split samples, not shards: a run may start or end inside a
+    shard (read sequentially up to its first sample), and every sample of the epoch is in exactly one run.
+    """
+    total = sum(sizes)
+    lo = sum(_quota(total, epoch, s, n_slots) for s in range(slot))
+    hi = lo + _quota(total, epoch, slot, n_slots)
+    pieces, c = [], 0
+    for i in perm:
+        if c >= hi:
+            break
+        first, end = max(lo, c) - c, min(hi, c + sizes[i]) - c
+        if first < end:
+            pieces.append((int(i), first, end))
+        c += sizes[i]
+    return pieces
+
+
 class _SourceCursor:
     """Infinite iterator over the raw samples one slot reads from one source, resumable from its state.
 
     State ``{"epoch", "shard", "offset", "seen"}``: the next sample is number ``offset`` (in tar order) of
-    shard ``shard`` of this slot's shard list for ``epoch``, and ``seen`` raw samples of that list came
-    before it. After ``next()`` returns, ``state()`` is the position right after the returned sample.
+    piece ``shard`` of this slot's plan for ``epoch``, and ``seen`` raw samples of that plan came before it.
+    After ``next()`` returns, ``state()`` is the position right after the returned sample, and ``epoch_end``
+    says whether that sample was the last of this slot's share of its epoch (exact epochs only).
 
-    Epoch mode: the source's shards are permuted by ``(seed, source, epoch)``, identically on every rank;
-    slot ``s`` of ``n`` takes every n-th shard. With fewer shards than slots, every slot reads all shards
-    and keeps the epoch's raw sample number ``c`` iff ``c % n == s`` (disjoint and complete, at n-fold
-    read cost; a warning says so). Resampled mode: "epoch" ``e`` is a chunk of ``ceil(shards / slots)`` shards
-    drawn with replacement by ``(seed, source, slot, e)``.
+    Exact epochs (the default for finite data with known shard sizes): the source's shards are permuted by
+    ``(seed, source, epoch)``, identically on every rank, and the epoch's samples are cut into one contiguous
+    run per slot (``_exact_share``), so every sample is read exactly once per epoch over all ranks x workers.
+    Without sizes (``sizes=None``): slot ``s`` of ``n`` takes every n-th shard (with fewer shards than slots,
+    every slot reads all shards and keeps the epoch's raw sample number ``c`` iff ``c % n == s``); slots then
+    hold unequal shares, so epochs are approximate. Resampled mode: "epoch" ``e`` is a chunk of
+    ``ceil(shards / slots)`` shards drawn with replacement by ``(seed, source, slot, e)``.
     """
 
     def __init__(self, urls: list[str], *, source: int, seed: int, resampled: bool, slot: int, n_slots: int,
-                 state: dict[str, int], on_error: Callable[[str, str, BaseException], None]) -> None:
+                 state: dict[str, int], on_error: Callable[[str, str, BaseException], None],
+                 sizes: list[int] | None = None) -> None:
         self.urls, self.source, self.seed, self.resampled = urls, source, seed, resampled
         self.slot, self.n_slots, self.on_error = slot, n_slots, on_error
         self.epoch, self.shard, self.offset = int(state["epoch"]), int(state["shard"]), int(state["offset"])
         self.seen = int(state.get("seen", 0))
-        self.sample_split = not resampled and len(urls) < n_slots
+        self.sizes = None if resampled else sizes
+        self.sample_split = not resampled and sizes is None and len(urls) < n_slots
+        self.epoch_end = False
+        self._declared = {} if self.sizes is None else dict(zip(urls, self.sizes))
+        self._size_warned: set[str] = set()
         self._gen = self._generate()
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "seen": self.seen}
 
-    def plan(self, epoch: int) -> list[str]:
-        """This slot's shard URLs for ``epoch``, in reading order."""
+    def plan(self, epoch: int) -> list[tuple[str, int, int | None]]:
+        """This slot's pieces for ``epoch`` in reading order: ``(url, first sample, end sample)``, end None
+        meaning the shard's end."""
         n = len(self.urls)
         if self.resampled:
             rng = np.random.default_rng([self.seed, _SALT_RESAMPLE, self.source, self.slot, epoch])
-            return [self.urls[i] for i in rng.integers(0, n, size=math.ceil(n / self.n_slots))]
+            return [(self.urls[i], 0, None) for i in rng.integers(0, n, size=math.ceil(n / self.n_slots))]
         perm = np.random.default_rng([self.seed, _SALT_EPOCH, self.source, epoch]).permutation(n)
+        if self.sizes is not None:
+            return [(self.urls[i], a, b) for i, a, b in _exact_share(self.sizes, perm, epoch, self.slot, self.n_slots)]
         if self.sample_split:
-            return [self.urls[i] for i in perm]
-        return [self.urls[i] for i in perm[self.slot::self.n_slots]]
+            return [(self.urls[i], 0, None) for i in perm]
+        return [(self.urls[i], 0, None) for i in perm[self.slot::self.n_slots]]
 
     def __next__(self) -> dict[str, Any]:
         return next(self._gen)
@@ -120,30 +171,61 @@ class _SourceCursor:
         empty_rounds = 0
         while True:
             plan = self.plan(self.epoch)
+            planned = sum(b - a for _, a, b in plan) if self.sizes is not None else None
             whole_epoch = self.shard == 0 and self.offset == 0
             produced = 0
             while self.shard < len(plan):
-                for i, raw in enumerate(_iter_shard(plan[self.shard], self.on_error)):
-                    if i < self.offset:
-                        continue  # resuming: skip raw bytes, decode nothing
+                url, first, end = plan[self.shard]
+                for raw in self._piece(url, max(first, self.offset), end):
                     c = self.seen
-                    self.offset, self.seen = i + 1, c + 1
+                    self.seen = c + 1
                     if self.sample_split and c % self.n_slots != self.slot:
                         continue
                     produced += 1
+                    self.epoch_end = self.seen == planned
                     yield raw
                 self.shard, self.offset = self.shard + 1, 0
             self.epoch, self.shard, self.offset, self.seen = self.epoch + 1, 0, 0, 0
+            if planned == 0:
+                continue  # fewer samples than slots: this slot has no share of this epoch
             empty_rounds = empty_rounds + 1 if (whole_epoch and produced == 0) else 0
-            # Epoch mode: a whole empty epoch means this slot can never get data. Resampled: tolerate a
-            # few unlucky draws of empty shards first.
-            if empty_rounds >= (20 if self.resampled else 1):
+            # Shard-split epochs: a whole empty epoch means this slot can never get data. An exact share can
+            # sit inside one damaged shard for an epoch (it moves every epoch) and resampled draws can be
+            # unlucky: tolerate a few empty rounds there first.
+            if empty_rounds >= (20 if self.resampled else 3 if self.sizes is not None else 1):
                 raise RuntimeError(
                     f"data slot {self.slot} of {self.n_slots} read no samples from source {self.source} "
-                    f"in a whole {'chunk' if self.resampled else 'epoch'} (shards {plan[:3]}...); the shards "
-                    "are empty or unreadable (see the shard_error warnings), or the source has fewer samples "
-                    "than ranks x workers"
+                    f"in a whole {'chunk' if self.resampled else 'epoch'} (shards {[p[0] for p in plan[:3]]}...); "
+                    "the shards are empty or unreadable (see the shard_error warnings), or the source has fewer "
+                    "samples than ranks x workers"
                 )
+
+    def _piece(self, url: str, start: int, end: int | None) -> Iterator[dict[str, Any]]:
+        """Samples ``start <= i < end`` (in tar order) of one shard, updating ``offset``; the ones before
+        ``start`` are read and dropped undecoded (a tar stream cannot seek)."""
+        if end is not None and start >= end:
+            return  # resumed right after this piece's last sample
+        declared = self._declared.get(url)
+        i = -1
+        for i, raw in enumerate(_iter_shard(url, self.on_error)):
+            if end is not None and i >= end:  # only reached at the declared end: the shard holds more
+                self._size_mismatch(url, declared, "more than")
+                return
+            if i < start:
+                continue
+            self.offset = i + 1
+            yield raw
+            if end is not None and i + 1 == end and end != declared:
+                return  # the rest of this shard belongs to other slots
+        if end is not None and i + 1 < end:
+            self._size_mismatch(url, declared, f"only {i + 1}, fewer than")
+
+    def _size_mismatch(self, url: str, declared: int | None, how: str) -> None:
+        if url in self._size_warned:
+            return
+        self._size_warned.add(url)
+        logger.warning("shard %s holds %s the %s samples its sizes.json lists: epochs are no longer exact "
+                       "(samples beyond the listed count are never read); rewrite sizes.json", url, how, declared)
 
 
 class _Mixer:
@@ -155,13 +237,16 @@ class _Mixer:
 
     def __init__(self, sources: list[list[str]], weights: list[float] | None, *, seed: int, resampled: bool,
                  slot: int, n_slots: int, state: dict[str, Any],
-                 on_error: Callable[[str, str, BaseException], None]) -> None:
+                 on_error: Callable[[str, str, BaseException], None],
+                 sizes: list[list[int] | None] | None = None) -> None:
         self.seed, self.slot = seed, slot
+        sizes = sizes or [None] * len(sources)
         self.cursors = [
             _SourceCursor(urls, source=i, seed=seed, resampled=resampled, slot=slot, n_slots=n_slots,
-                          state=st, on_error=on_error)
-            for i, (urls, st) in enumerate(zip(sources, state["sources"]))
+                          state=st, on_error=on_error, sizes=sz)
+            for i, (urls, st, sz) in enumerate(zip(sources, state["sources"], sizes))
         ]
+        self.epoch_end = False  # the last sample returned ended this slot's share of an epoch of its source
         self.p = None if weights is None else np.asarray(weights, dtype=np.float64) / float(sum(weights))
         self.t = int(state["t"])
         self._chunk_no, self._chunk = -1, np.zeros(0, dtype=np.int64)
@@ -178,7 +263,9 @@ class _Mixer:
                 self._chunk_no, self._chunk = chunk_no, rng.choice(len(self.p), size=_MIX_CHUNK, p=self.p)
             i = int(self._chunk[self.t % _MIX_CHUNK])
         self.t += 1
-        return next(self.cursors[i])
+        raw = next(self.cursors[i])
+        self.epoch_end = self.cursors[i].epoch_end
+        return raw
 
 
 def _fresh_position(n_sources: int) -> dict[str, Any]:
@@ -216,6 +303,17 @@ class _TrainDataset(IterableDataset):
         return _worker_batches(self.spec, logical, self.positions[logical], in_worker=info is not None)
 
 
+def _read_block(mixer: _Mixer, block_size: int) -> list[dict[str, Any]]:
+    """The next shuffle block: ``block_size`` raw samples, or fewer where the slot's share of an epoch ends.
+    A block never mixes two epochs, so exact epochs stay exact and a sample never meets itself in a block."""
+    block = []
+    while len(block) < block_size:
+        block.append(mixer.next())
+        if mixer.epoch_end:
+            break
+    return block
+
+
 def _worker_batches(spec: dict[str, Any], logical: int, pos: dict[str, Any], *, in_worker: bool) -> Iterator[Batch]:
     n_logical = spec["num_workers"] or 1
     slot = spec["rank"] * n_logical + logical
@@ -223,7 +321,8 @@ def _worker_batches(spec: dict[str, Any], logical: int, pos: dict[str, Any], *, 
     seed, block_size, batch_size = spec["seed"], spec["block_size"], spec["batch_size"]
     log = _SkipLog(f"rank {spec['rank']} worker {logical}", pos["skipped"])
     mixer = _Mixer(spec["sources"], spec["weights"], seed=seed, resampled=spec["resampled"], slot=slot,
-                   n_slots=n_slots, state=pos["start"], on_error=lambda r, url, e: log(r, url, repr(e)))
+                   n_slots=n_slots, state=pos["start"], on_error=lambda r, url, e: log(r, url, repr(e)),
+                   sizes=spec["sizes"])
     decode = _Decoder(spec["fields"], spec["image_transform"], spec["list_rule"], spec["list_sep"])
     collate = _Collator(spec["tokenizer"], spec["context_length"], spec["fields"], spec["trim_tokens"])
     block_no, j0 = int(pos["block"]), int(pos["j"])
@@ -232,10 +331,10 @@ def _worker_batches(spec: dict[str, Any], logical: int, pos: dict[str, Any], *, 
     saved_rng = None
     while True:
         start = mixer.state()
-        block = [mixer.next() for _ in range(block_size)]
+        block = _read_block(mixer, block_size)
         end = mixer.state()
-        order = np.random.default_rng([seed, _SALT_BLOCK, slot, block_no]).permutation(block_size)
-        for j in range(j0, block_size):
+        order = np.random.default_rng([seed, _SALT_BLOCK, slot, block_no]).permutation(len(block))
+        for j in range(j0, len(block)):
             if not in_worker and saved_rng is None:
                 # In-process loading must not disturb the trainer's RNG streams (dropout, etc.).
                 saved_rng = (torch.random.get_rng_state(), random.getstate())
@@ -255,7 +354,7 @@ def _worker_batches(spec: dict[str, Any], logical: int, pos: dict[str, Any], *, 
                     ) from None
                 continue
             if len(pending) == batch_size:
-                nxt = ({"block": block_no, "j": j + 1, "start": start} if j + 1 < block_size
+                nxt = ({"block": block_no, "j": j + 1, "start": start} if j + 1 < len(block)
                        else {"block": block_no + 1, "j": 0, "start": end})
                 batch = collate(pending, log.take_delta())
                 batch["_worker"] = logical
@@ -295,6 +394,7 @@ class TrainStream:
     def _fingerprint(self) -> dict[str, Any]:
         s = self._spec
         return {"sources": [[len(u), stable_hash("\n".join(u))] for u in s["sources"]], "weights": s["weights"],
+                "sizes": [None if z is None else stable_hash(json.dumps(z)) for z in s["sizes"]],
                 "resampled": s["resampled"], "seed": s["seed"], "block_size": s["block_size"],
                 "batch_size": s["batch_size"], "fields": s["fields"], "list_rule": s["list_rule"],
                 "num_workers": s["num_workers"], "world_size": s["world_size"], "rank": s["rank"]}
@@ -431,13 +531,15 @@ def build_train_stream(
         fields: text fields to extract from each sample's json.
         num_workers: DataLoader worker processes (0 = in-process).
         seed: fixes shard order per epoch, sample order, augmentation and list sampling (>= 0).
-        resampled: draw shards with replacement (infinite) instead of epochs without replacement.
+        resampled: draw shards with replacement (infinite) instead of exact epochs without replacement.
         shuffle_buffer: sample-shuffle block size (raw samples); <= 1 keeps the (shuffled) shard order.
             Each worker holds one block of raw (encoded) samples in memory, like webdataset's buffer.
         list_rule: list-valued fields become ``list_sep.join(items)`` ("join") or one seeded random item
             ("sample"). Empty strings/lists count as missing.
         rank, world_size: this process's data-parallel rank and the number of ranks. In epoch mode ranks
-            x workers read disjoint data (shards split; with fewer shards than that, samples split).
+            x workers read disjoint data: samples split exactly when the shard sizes are known
+            (``sizes.json``, or counted for local shards), else whole shards (with fewer shards than slots,
+            samples filtered).
         trim_tokens: drop trailing all-pad token columns (set False for text towers that pool a fixed
             position, e.g. SigLIP's 'last' pooling, where pad == eos would also be cut).
 
@@ -451,9 +553,11 @@ def build_train_stream(
     _validate_text_args(tokenizer, context_length, fields, list_rule)
     _check_train_args(batch_size, num_workers, seed, rank, world_size)
     sources = _sources(urls, source_weights)
-    _warn_if_few_shards(sources, world_size * max(1, num_workers), resampled)
+    sizes = [None if resampled else _source_sizes(i, src) for i, src in enumerate(sources)]
+    _warn_if_few_shards(sources, sizes, world_size * max(1, num_workers), resampled)
     spec = {
-        "sources": sources, "weights": None if source_weights is None else [float(w) for w in source_weights],
+        "sources": sources, "sizes": sizes,
+        "weights": None if source_weights is None else [float(w) for w in source_weights],
         "resampled": bool(resampled), "seed": seed, "block_size": max(1, int(shuffle_buffer)),
         "batch_size": int(batch_size), "fields": list(fields), "context_length": dict(context_length),
         "list_rule": list_rule, "list_sep": list_sep, "tokenizer": tokenizer, "image_transform": image_transform,
@@ -487,9 +591,19 @@ def _sources(urls: str | list[str], source_weights: list[float] | None) -> list[
     return [expand_urls(p) for p in patterns]
 
 
-def _warn_if_few_shards(sources: list[list[str]], n_slots: int, resampled: bool) -> None:
-    for i, src in enumerate(sources):
-        if not resampled and len(src) < n_slots:
+def _source_sizes(i: int, urls: list[str]) -> list[int] | None:
+    """Per-shard sample counts of source ``i`` for exact epochs (None: unknown, shard-split epochs)."""
+    sizes = shard_sizes(urls)
+    if sizes is not None and sum(sizes) == 0:
+        raise ValueError(f"source {i} has no samples: sizes.json lists 0 for all its {len(urls)} shards "
+                         f"({urls[0]}...); check the shard pattern, or rewrite sizes.json if it is stale")
+    return sizes
+
+
+def _warn_if_few_shards(sources: list[list[str]], sizes: list[list[int] | None], n_slots: int,
+                        resampled: bool) -> None:
+    for i, (src, sz) in enumerate(zip(sources, sizes)):
+        if not resampled and sz is None and len(src) < n_slots:
             logger.warning(
                 "source %d has %d shards for %d ranks x workers: every worker reads all its shards and keeps "
                 "1/%d of the samples (correct but %dx the reading); write smaller shards or use resampled=True",
