@@ -91,6 +91,7 @@ class LossConfig:
     kind: str = "clip"  # clip | siglip
     duplicates: bool = True
     terms: list[TermConfig] = MISSING
+    allow_absent_fields: Any = field(default_factory=list)  # field names (or true: all) the data may lack
 
 
 @dataclass
@@ -223,21 +224,57 @@ def data_fields(cfg: DictConfig) -> set[str] | None:
     return None
 
 
+def loss_data_fields(terms: Any) -> dict[str, list[str]]:
+    """Every sample field the built loss ``terms`` read (text fields, and the score field of rank-weighted
+    terms; not the image) -> the names of the terms that read it."""
+    out: dict[str, list[str]] = {}
+    for t in terms:
+        fields = [f for side in (t.left, t.right) for f in side.fields if f != IMAGE]
+        for f in fields + ([t.score_field] if t.weighted else []):
+            if t.name not in out.setdefault(f, []):
+                out[f].append(t.name)
+    return out
+
+
+def allowed_absent(loss: DictConfig) -> set[str] | bool:
+    """``loss.allow_absent_fields`` as True (every field may be absent) or a set of field names."""
+    allow = loss.allow_absent_fields
+    if isinstance(allow, bool):
+        return allow
+    return set(allow or [])
+
+
+def _validate_allow_absent(loss: DictConfig, built: Any) -> None:
+    allow = loss.allow_absent_fields
+    if isinstance(allow, bool) or allow is None:
+        return
+    if not OmegaConf.is_list(allow) or not all(isinstance(f, str) for f in allow):
+        _fail("loss.allow_absent_fields", f"must be true/false or a list of field names, got {allow!r}")
+    used = loss_data_fields(built.terms)
+    unknown = [f for f in allow if f not in used]
+    if unknown:
+        _fail("loss.allow_absent_fields", f"{unknown} are not fields of the loss terms ({sorted(used)}); "
+              "remove them or fix their spelling")
+
+
 def validate_loss(loss: DictConfig, provided: set[str] | None) -> None:
     """The loss rules of :func:`gcl.loss.build_loss` (one place; its errors name the config key), plus: every
-    field a term reads must be provided by the data, when that is known before reading it."""
+    field a term reads must be provided by the data, when that is known before reading it (unless listed in
+    ``loss.allow_absent_fields``)."""
     from gcl.loss import build_loss
 
     try:
         built = build_loss(loss.kind, OmegaConf.to_container(loss.terms, resolve=True), loss.duplicates)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    if provided is None:
+    _validate_allow_absent(loss, built)
+    allow = allowed_absent(loss)
+    if provided is None or allow is True:
         return
     for i, t in enumerate(built.terms):
         for side_name, side in (("left", t.left), ("right", t.right)):
             for f in side.fields:
-                if f not in provided:
+                if f not in provided and f not in allow:
                     _fail(f"loss.terms[{i}].{side_name}.fields", f"field {f!r} is not provided by the data "
                           f"(available: {sorted(provided)}); fix the loss preset or the data")
 

@@ -116,6 +116,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self.best: float | None = None
         self.last_eval: dict[str, float] = {}
+        self._window: dict[str, Any] | None = None  # valid rows per term since the last logged step
         self._resume()
 
     # ------------------------------------------------------------------------------------------- build
@@ -201,6 +202,7 @@ class Trainer:
         t = cfg.trainer
         d = cfg.data
         self.splits = resolve_splits(d)
+        self._check_loss_fields()
         ctx = {f: min(d.context_length.get(f, d.default_context_length), self.bundle.context_length)
                for f in self.fields if f != "image"}
         self.stream = build_train_stream(
@@ -211,6 +213,36 @@ class Trainer:
             resampled=d.resampled, source_weights=list(d.source_weights) if d.source_weights else None,
             shuffle_buffer=d.shuffle_buffer, list_rule=d.list_rule, list_sep=d.list_sep, rank=self.rank,
             world_size=self.world_size, pin_memory=acc.device.type == "cuda", prefetch_factor=d.prefetch_factor)
+
+    def _check_loss_fields(self) -> None:
+        """Stop before the first step when a loss field is in none of the first training samples: its term (or
+        its share of a fused side) would silently be 0 for the whole run. ``loss.allow_absent_fields`` opts in.
+        Every rank reads the same samples, so every rank decides alike."""
+        from gcl.data.survey import survey_fields
+
+        needed = gcl_config.loss_data_fields(self.loss_fn.terms)
+        allow = gcl_config.allowed_absent(self.cfg.loss)
+        if not needed or allow is True:
+            return
+        survey = survey_fields(self.splits["train"])
+        if survey.samples == 0:
+            log.warning("could not read any training sample to check the loss fields (%d unreadable); the data "
+                        "stream reports why", survey.unreadable)
+            return
+        absent = {f: terms for f, terms in needed.items() if not survey.present[f]}
+        allowed = sorted(f for f in absent if f in allow)
+        if allowed:
+            log.warning("loss fields %s are in none of the first %d training samples; their terms (%s) get no "
+                        "rows from them (allowed by loss.allow_absent_fields)", allowed, survey.samples,
+                        sorted({n for f in allowed for n in absent[f]}))
+        refused = {f: terms for f, terms in absent.items() if f not in allow}
+        if refused:
+            what = "; ".join(f"{f!r} (read by {', '.join(terms)})" for f, terms in refused.items())
+            raise gcl_config.ConfigError(
+                f"loss: field(s) {what} are in none of the first {survey.samples} training samples of "
+                f"{self.splits['train']}; fields found: {', '.join(survey.found) or 'none'}. Their terms would be "
+                "0 for the whole run. Fix the field names in loss.terms (or the shards), or allow the absence: "
+                f"loss.allow_absent_fields=[{','.join(refused)}] (or true for any field)")
 
     def _build_evaluator(self) -> None:
         """The in-loop evaluator, or None when no eval task is configured or nothing would use it."""
@@ -426,6 +458,7 @@ class Trainer:
                 batch = to_device(next(data), acc.device)
                 out = self.train_step(batch)
                 self.step += 1
+                self._count_rows(out)
                 meter.add(batch["image"].shape[0] * self.world_size)
                 if self.nonfinite_streak >= t.max_nonfinite:
                     raise FloatingPointError(
@@ -479,8 +512,35 @@ class Trainer:
         row.update({f"skipped/{k}": int(v) for k, v in zip(keys, tot)})
         row["samples_seen"] = self.step * batch["image"].shape[0] * self.world_size
         logger.log_metrics(row, self.step)
-        logger.progress(self.step, loss=row["loss"], lr=row["lr"], sps=round(rate, 1))
+        empty = self._empty_terms()
+        shown: dict[str, Any] = {"empty": ",".join(empty)} if empty else {}
+        logger.progress(self.step, loss=row["loss"], lr=row["lr"], sps=round(rate, 1), **shown)
         return row["loss"]
+
+    def _count_rows(self, out: dict[str, Tensor]) -> None:
+        """Add one step's valid rows per term (global counts, from the loss) to the logging window's."""
+        window = self._window
+        if window is None:
+            window = self._window = {"first": self.step, "rows": {}}
+        for k, v in out.items():
+            if k.startswith("rows/"):
+                window["rows"][k[5:]] = window["rows"].get(k[5:], 0) + v  # stays on the device until logged
+
+    def _empty_terms(self) -> list[str]:
+        """Terms with no valid row in any step since the last logged one (then the window restarts); each is
+        reported in train.log, and the caller shows them in the progress bar. Such a term trained nothing in
+        those steps: no sample held its fields (or its rank score)."""
+        window, self._window = self._window, None
+        if window is None:
+            return []
+        empty = sorted(name for name, n in window["rows"].items() if float(n) == 0)
+        if empty and self.is_main:
+            first = window["first"]
+            steps = f"step {first}" if first == self.step else f"steps {first}-{self.step}"
+            log.warning("loss term(s) %s had no valid rows in %s: no sample of those batches holds their fields "
+                        "(or rank score), so they trained nothing (rows/<term> in metrics.jsonl)",
+                        ", ".join(empty), steps)
+        return empty
 
     def _log_eval(self, logger: RunLogger, metrics: dict[str, float]) -> None:
         if not metrics:

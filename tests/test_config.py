@@ -46,12 +46,19 @@ def test_wrong_type_names_the_key():
     (["trainer.best_metric=x", "trainer.eval_every=0"], "trainer.best_metric"),
     (["sched=const_cooldown", "trainer.max_steps=10", "sched.cooldown_steps=50"], "sched.cooldown_steps"),
     (["model.text_packing=packed"], "model.text_packing"),
+    (["loss.allow_absent_fields=[colour]"], "loss.allow_absent_fields"),  # not a field of the loss: a typo
+    (["loss.allow_absent_fields=3"], "loss.allow_absent_fields"),
 ])
 def test_inconsistent_combinations_fail_naming_the_key(overrides, key):
     cfg = compose("train", overrides)
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert key in str(e.value)
+
+
+def test_allowed_absent_field_passes_the_synthetic_field_check():
+    validate(compose("train", ["loss.terms.0.left.fields=[colour]", "loss.allow_absent_fields=[colour]"]))
+    validate(compose("train", ["loss.terms.0.left.fields=[colour]", "loss.allow_absent_fields=true"]))
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -176,11 +177,12 @@ def test_multirun_two_jobs(tmp_path, catalog_cache):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, catalog_cache):
     """torchrun --nproc_per_node=2 (gloo, CPU): world size 2 logged, and step 1 equals one process on the same
-    global batch (loss and updated weights), since each rank reads its own shards of the same order."""
+    global batch (loss and updated weights). The data is two shards of 8, one global batch: an exact epoch
+    gives rank 0 the first shard of the epoch's order and rank 1 the second, the one process both in turn."""
     from gcl.data.synthetic import generate_catalog
 
     meta = generate_catalog(tmp_path / "cat", products=120, seed=3, image_size=32, per_shard=8)
-    pattern = meta["splits"]["train"]["pattern"]
+    pattern = str(Path(meta["splits"]["train"]["pattern"]).parent / "shard-{000000..000001}.tar")
     common = [f"data.train_shards='{pattern}'", "data.shuffle_buffer=0", "data.augment=false",
               "trainer.max_steps=1", "eval=none", "loss=seven_field"]
     one = tmp_path / "one"
@@ -275,3 +277,60 @@ def test_accelerate_launch_two_processes(tmp_path, catalog_cache):
     rows = _metrics(run)
     assert [r["world_size"] for r in rows] == [2, 2]
     assert load_checkpoint(find_checkpoint(run))["world_size"] == 2
+
+
+def _shards_without(tmp_path: Path, absent: tuple[str, ...], n: int = 12) -> Path:
+    """n products with every seven-field field except ``absent`` (a catalog that lacks some of them)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from gcl.data.shards import ShardWriter
+
+    out = tmp_path / "shards"
+    rng = np.random.default_rng(0)
+    with ShardWriter(out, per_shard=6) as w:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+            fields = {"title": f"shirt {i}", "description": f"a cotton shirt number {i}", "colors": ["red"],
+                      "materials": ["cotton"], "categories": ["tops"], "details": "collar", "keywords": ["shirt"]}
+            w.write(f"p{i:03d}", buf.getvalue(), "png", {k: v for k, v in fields.items() if k not in absent})
+    return out
+
+
+def test_a_loss_field_absent_from_the_data_stops_the_run_at_start(tmp_path, catalog_cache):
+    """The seven-field loss on a catalog without materials/details (and a typo) stops before the first step,
+    naming the fields, the fields found and the opt-in; the opt-in lets it build."""
+    from gcl.config import ConfigError
+
+    data = f"data.train_shards={_shards_without(tmp_path, ('materials', 'details'))}"
+    with pytest.raises(ConfigError) as err:
+        _trainer(tmp_path / "a", catalog_cache, data)
+    msg = str(err.value)
+    assert "'materials' (read by materials_image)" in msg and "'details' (read by details_image)" in msg
+    assert "fields found: categories, colors, description, keywords, title" in msg
+    assert "loss.allow_absent_fields=[materials,details]" in msg
+    with pytest.raises(ConfigError, match="'titel' .*fields found"):
+        _trainer(tmp_path / "b", catalog_cache, "loss=clip_title", data, "loss.terms.0.left.fields=[titel]")
+    t = _trainer(tmp_path / "c", catalog_cache, data, "loss.allow_absent_fields=[materials,details]")
+    assert t.step == 0
+
+
+def test_a_term_without_rows_in_a_logging_window_is_reported(tmp_path, catalog_cache, caplog, monkeypatch):
+    from gcl.log import RunLogger
+
+    shown = []
+    monkeypatch.setattr(RunLogger, "progress", lambda self, step, **kw: shown.append((step, kw)))
+    data = f"data.train_shards={_shards_without(tmp_path, ('materials',))}"
+    t = _trainer(tmp_path / "run", catalog_cache, data, "loss.allow_absent_fields=true", "trainer.max_steps=3",
+                 "trainer.log_every=2", "data.batch_size=4")
+    with caplog.at_level(logging.WARNING, logger="gcl.train"):
+        t.fit()
+    warned = [r.getMessage() for r in caplog.records if "no valid rows" in r.getMessage()]
+    # logged rows: step 1 (alone), steps 2-2 (log_every), step 3 (the last): one report per window
+    assert warned == [f"loss term(s) materials_image had no valid rows in step {s}: no sample of those batches "
+                      "holds their fields (or rank score), so they trained nothing (rows/<term> in metrics.jsonl)"
+                      for s in (1, 2, 3)]
+    assert [kw.get("empty") for _, kw in shown if "loss" in kw] == ["materials_image"] * 3
