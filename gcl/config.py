@@ -65,6 +65,7 @@ class DataConfig:
     prefetch_factor: int = 2
     list_rule: str = "join"  # join | sample
     list_sep: str = ", "
+    image_background: str = "white"  # colour under transparent pixels (a name or #rrggbb; gcl.data.image)
     context_length: dict[str, int] = field(default_factory=dict)  # per text field max tokens
     default_context_length: int = 77
 
@@ -279,6 +280,15 @@ def validate_loss(loss: DictConfig, provided: set[str] | None) -> None:
                           f"(available: {sorted(provided)}); fix the loss preset or the data")
 
 
+def _validate_background(value: str) -> None:
+    from gcl.data.image import parse_background
+
+    try:
+        parse_background(value)
+    except ValueError:
+        _fail("data.image_background", f"{value!r} is not a colour; use a name such as white, or #rrggbb")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules; raise ConfigError naming the key and the fix. Call before building anything."""
     t = cfg.trainer
@@ -312,6 +322,7 @@ def validate(cfg: DictConfig) -> None:
         _fail("data.list_rule", f"{cfg.data.list_rule!r} is not join or sample")
     if cfg.data.batch_size < 1:
         _fail("data.batch_size", "must be >= 1")
+    _validate_background(cfg.data.image_background)
     if cfg.data.source_weights is not None:
         shards = cfg.data.train_shards
         n = len(shards) if OmegaConf.is_list(shards) else 1

@@ -211,7 +211,8 @@ class Trainer:
             batch_size=d.batch_size,
             fields=[f for f in self.fields if f != "image"], num_workers=d.num_workers, seed=t.seed,
             resampled=d.resampled, source_weights=list(d.source_weights) if d.source_weights else None,
-            shuffle_buffer=d.shuffle_buffer, list_rule=d.list_rule, list_sep=d.list_sep, rank=self.rank,
+            shuffle_buffer=d.shuffle_buffer, list_rule=d.list_rule, list_sep=d.list_sep,
+            image_background=d.image_background, rank=self.rank,
             world_size=self.world_size, pin_memory=acc.device.type == "cuda", prefetch_factor=d.prefetch_factor)
 
     def _check_loss_fields(self) -> None:

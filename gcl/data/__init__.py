@@ -2,12 +2,14 @@
 
     catalog/     the procedural fashion catalog (``python -m gcl.data.synthetic``; ``synthetic`` re-exports it)
     prepare      a user table (+ images) -> shards: options, row mapping, workers, report, CLI
-    read         reading that table and its images: formats, rows, columns, cell values, image decoding
+    read         reading that table and its images: formats, rows, columns, cell values, image re-encoding
+    image        decoding an image into RGB the same way on every path (orientation, transparency, 16-bit, CMYK)
     download     a table whose images are URLs -> shards: HTTP fetch, failure reasons, resumable chunks, CLI
     hf           Hugging Face dataset copies (folder / HF cache): splits, Marqo's columns, CLI (via prepare)
     schema       the shard schema: text fields, image extensions, sample keys, ``stable_hash``
     shards       shard files: ``ShardWriter``, ``expand_urls`` (object-store URLs checked via ``gcl.storage``),
-                 reading a shard's raw samples
+                 ``shard_sizes``, reading a shard's raw samples
+    survey       which fields the first samples carry (the trainer's start-of-run loss field check)
     batch        raw sample -> decoded sample -> the batch dict (shared by training and evaluation)
     stream       the resumable training stream (``build_train_stream``, ``TrainStream``)
     eval_loader  one ordered pass for evaluation (``build_eval_loader``)

@@ -1,7 +1,7 @@
 """From raw shard samples to the batch dict: decoding, the list -> string rule, tokenizing, collation.
 
 Lives here: the batch layout shared by the training stream and the eval loader (docs/architecture.md):
-``_Decoder`` (json + RGB image + transform, or ``_Skip(reason)``), ``_Collator`` (tokens per field trimmed
+``_Decoder`` (json + RGB image by ``gcl.data.image.decode_image`` + transform, or ``_Skip(reason)``), ``_Collator`` (tokens per field trimmed
 to the longest row, presence masks, text ids from the token rows (``token_row_ids``), item ids, scores),
 ``pad_id_of``, skip accounting (``SKIP_REASONS``, ``_SkipLog``), the worker -> main process wire format
 (``_to_wire`` / ``_from_wire``), argument checks shared by both builders and ``concat_batches``.
@@ -12,7 +12,6 @@ one-pass eval loader (``gcl.data.eval_loader``), shard files and URLs (``gcl.dat
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
+from gcl.data.image import RGB, decode_image
 from gcl.data.schema import IMAGE_EXTS, stable_hash
 
 # Records keep the logger name they had before this code moved here from gcl.data.stream.
@@ -78,8 +78,9 @@ class _Decoder:
     """Raw sample -> dict(image, text, item_id, score, position, key), or _Skip(reason)."""
 
     def __init__(self, fields: list[str], image_transform: Callable[[Image.Image], torch.Tensor],
-                 list_rule: str, list_sep: str) -> None:
+                 list_rule: str, list_sep: str, background: RGB) -> None:
         self.fields, self.transform, self.rule, self.sep = fields, image_transform, list_rule, list_sep
+        self.background = background
 
     def __call__(self, raw: dict[str, Any], rng: random.Random | None) -> dict[str, Any]:
         key = raw["__key__"]
@@ -101,9 +102,7 @@ class _Decoder:
         if ext is None:
             raise _Skip("missing_image", f"no image member (.{'/.'.join(IMAGE_EXTS)})")
         try:
-            with Image.open(io.BytesIO(raw[ext])) as im:
-                im.load()  # force the full decode here so truncated files fail now
-                img = im.convert("RGB")
+            img = decode_image(raw[ext], self.background)  # full decode: truncated files fail now
         except Exception as exn:  # noqa: BLE001 - PIL raises many types for bad bytes
             raise _Skip("corrupt_image", repr(exn)) from None
         try:

@@ -31,6 +31,7 @@ from gcl.data.batch import (
     _validate_text_args,
     pad_id_of,
 )
+from gcl.data.image import parse_background
 from gcl.data.schema import stable_hash
 from gcl.data.shards import _iter_shard, expand_urls
 
@@ -47,7 +48,7 @@ class _EvalDataset(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         s = self.spec
         log = _SkipLog(f"eval worker {wid}")
-        decode = _Decoder(s["fields"], s["image_transform"], s["list_rule"], s["list_sep"])
+        decode = _Decoder(s["fields"], s["image_transform"], s["list_rule"], s["list_sep"], s["background"])
         collator = _Collator(s["tokenizer"], s["context_length"], s["fields"], s["trim_tokens"])
 
         def collate(samples: list[dict[str, Any]]) -> Batch:
@@ -116,11 +117,13 @@ def build_eval_loader(
     list_rule: str = "join",
     list_sep: str = ", ",
     trim_tokens: bool = True,
+    image_background: str | tuple[int, int, int] = "white",
 ) -> EvalLoader:
     """A single ordered pass over ``urls`` (same batch dict as ``build_train_stream``; partial batches).
 
     With ``world_size > 1`` rank ``r`` reads shards ``r, r + world_size, ...`` (a rank without shards
-    yields nothing; pass ``world_size=1`` to read everything on every rank).
+    yields nothing; pass ``world_size=1`` to read everything on every rank). ``image_background``: the colour
+    under transparent pixels (``gcl.data.image``).
     """
     _validate_text_args(tokenizer, context_length, fields, list_rule)
     if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
@@ -131,6 +134,7 @@ def build_eval_loader(
         logger.warning("eval rank %d of %d has no shards (fewer shards than ranks)", rank, world_size)
     spec = {"fields": list(fields), "context_length": dict(context_length), "tokenizer": tokenizer,
             "image_transform": image_transform, "batch_size": int(batch_size), "list_rule": list_rule,
-            "list_sep": list_sep, "num_workers": int(num_workers), "trim_tokens": bool(trim_tokens)}
+            "list_sep": list_sep, "num_workers": int(num_workers), "trim_tokens": bool(trim_tokens),
+            "background": parse_background(image_background)}
     return EvalLoader(mine, spec)
 

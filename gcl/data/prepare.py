@@ -18,8 +18,10 @@ Each kept row becomes one sample of the shard schema (``gcl.data.schema``): ``<k
   Parquet layout of the Marqo fashion and Google Shopping evaluation sets). Every image is fully decoded
   once, so a truncated file is caught here and not mid-training. Original bytes are kept when the image is
   already JPEG / PNG / WEBP and neither ``resize`` nor ``jpeg_quality`` is asked (and no EXIF rotation is
-  pending); otherwise it is re-encoded as RGB JPEG (transparency composited on white). URLs are refused at
-  once: this tool never touches the network.
+  pending); otherwise it is decoded by ``gcl.data.image.decode_image``'s rules (the loaders' own: upright,
+  transparency composited on ``image_background``, default white, 16-bit scaled, CMYK converted) and
+  re-encoded as RGB JPEG. Kept files are decoded by the same rules when training and evaluating, with
+  ``data.image_background``. URLs are refused at once: this tool never touches the network.
 * **Keys** come from ``key_column`` (else the row index, zero-padded). A key with characters outside
   ``[A-Za-z0-9_-]`` is sanitised (bad characters -> ``_``) and suffixed with a hash of the original, so two
   different raw keys never collide. Keys must be unique across the whole output.
@@ -55,6 +57,7 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from gcl.data.image import parse_background
 from gcl.data.read import (  # noqa: F401 - DEFAULT_JPEG_QUALITY: re-exported for existing importers
     DEFAULT_JPEG_QUALITY,
     FORMATS,
@@ -139,6 +142,7 @@ class _Settings:
     split_column: str | None
     resize: int | None
     jpeg_quality: int | None
+    image_background: tuple[int, int, int]
     list_sep: str | None
     list_fields: frozenset[str]
     required: tuple[str, ...]
@@ -213,7 +217,8 @@ def _process_row(settings: _Settings, index: int, row: dict[str, Any] | _Unparsa
                 raise _Bad("empty_required", f"required field {name!r} (column {settings.fields[name]!r}) "
                                              "is missing or empty")
         data = _image_bytes(settings.image_column, settings.images_root, image_value)
-        image, ext, reencoded = _encode_image(data, settings.resize, settings.jpeg_quality)
+        image, ext, reencoded = _encode_image(data, settings.resize, settings.jpeg_quality,
+                                              settings.image_background)
     except _Bad as bad:
         return _Reject(key, bad.reason, bad.detail)
     return _Sample(sanitize_key(key), split, image, ext, fields, reencoded)
@@ -280,6 +285,7 @@ def prepare(
     per_shard: int = 1000,
     resize: int | None = None,
     jpeg_quality: int | None = None,
+    image_background: str = "white",
     list_sep: str | None = None,
     list_fields: Sequence[str] | None = None,
     required: Sequence[str] = (),
@@ -305,6 +311,8 @@ def prepare(
         per_shard: samples per shard file.
         resize: if set, shrink images so the longest side is at most this many pixels (re-encodes).
         jpeg_quality: if set, re-encode every image as JPEG at this quality (1-95).
+        image_background: colour that transparent pixels are composited on when an image is re-encoded
+            (``"white"``, ``"#f0f0f0"``; training uses ``data.image_background`` for kept files).
         list_sep: separator that splits the string values of ``list_fields`` into lists.
         list_fields: fields split by ``list_sep`` (default: those of DEFAULT_LIST_FIELDS that are mapped).
         required: fields that must be non-empty; rows without them are skipped (``empty_required``).
@@ -330,7 +338,7 @@ def prepare(
     files, fmt = _table_files(table, input_format)
     settings = _check_options(
         table, fields, image_column, images_root, key_column, split_column, per_shard, resize, jpeg_quality,
-        list_sep, list_fields, required, workers, max_rows)
+        image_background, list_sep, list_fields, required, workers, max_rows)
     needed = list(dict.fromkeys([image_column, *fields.values(),
                                  *(c for c in (key_column, split_column) if c is not None)]))
     total = _table_columns(files, fmt, needed)
@@ -460,8 +468,9 @@ def _discard(writers: dict[str, ShardWriter]) -> None:
 
 def _check_options(table: Table, fields: dict[str, str], image_column: str, images_root: str | Path | None,
                    key_column: str | None, split_column: str | None, per_shard: int, resize: int | None,
-                   jpeg_quality: int | None, list_sep: str | None, list_fields: Sequence[str] | None,
-                   required: Sequence[str], workers: int, max_rows: int | None) -> _Settings:
+                   jpeg_quality: int | None, image_background: str, list_sep: str | None,
+                   list_fields: Sequence[str] | None, required: Sequence[str], workers: int,
+                   max_rows: int | None) -> _Settings:
     if not fields:
         raise PrepareError("no fields mapped: pass at least one --field NAME=COLUMN (e.g. title=product_name)")
     for name, column in fields.items():
@@ -477,6 +486,11 @@ def _check_options(table: Table, fields: dict[str, str], image_column: str, imag
     if jpeg_quality is not None and not 1 <= jpeg_quality <= 95:
         # Pillow documents 95 as the useful maximum: above it files grow with no visible gain.
         raise PrepareError(f"jpeg_quality must be in 1..95, got {jpeg_quality}")
+    try:
+        background = parse_background(image_background)
+    except ValueError:
+        raise PrepareError(f"image_background {image_background!r} is not a colour: use a name such as white, "
+                           "or #rrggbb") from None
     if workers < 0:
         raise PrepareError(f"workers must be >= 0, got {workers}")
     if max_rows is not None and max_rows < 1:
@@ -503,7 +517,8 @@ def _check_options(table: Table, fields: dict[str, str], image_column: str, imag
     if images_root is not None and not root.is_dir():
         raise PrepareError(f"images_root {root} is not a folder")
     return _Settings(fields=dict(fields), image_column=image_column, images_root=root, key_column=key_column,
-                     split_column=split_column, resize=resize, jpeg_quality=jpeg_quality, list_sep=list_sep,
+                     split_column=split_column, resize=resize, jpeg_quality=jpeg_quality,
+                     image_background=background, list_sep=list_sep,
                      list_fields=split_fields, required=req)
 
 
@@ -556,6 +571,9 @@ def add_table_arguments(p: argparse.ArgumentParser, *, table_help: str) -> None:
     p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default: 1000)")
     p.add_argument("--resize", type=int, help="shrink images so the longest side is at most this")
     p.add_argument("--jpeg-quality", type=int, help="re-encode all images as JPEG at this quality (1-95)")
+    p.add_argument("--image-background", default="white",
+                   help="colour under transparent pixels when an image is re-encoded (default: white; a name "
+                        "or #rrggbb; set data.image_background alike for the files kept as they are)")
     p.add_argument("--list-sep", help="split string values of the list fields on this separator")
     p.add_argument("--list-fields", type=_split_list,
                    help=f"comma-separated fields split by --list-sep (default: {','.join(DEFAULT_LIST_FIELDS)})")
@@ -576,7 +594,8 @@ def table_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("a --field NAME is given twice")
     return dict(fields=fields, image_column=args.image_column, images_root=args.images_root,
                 key_column=args.key_column, split_column=args.split_column, per_shard=args.per_shard,
-                resize=args.resize, jpeg_quality=args.jpeg_quality, list_sep=args.list_sep,
+                resize=args.resize, jpeg_quality=args.jpeg_quality, image_background=args.image_background,
+                list_sep=args.list_sep,
                 list_fields=args.list_fields, required=[r for group in args.required for r in group],
                 reject_file=args.reject_file, input_format=args.input_format, max_rows=args.max_rows,
                 overwrite=args.overwrite, progress=not args.no_progress)

@@ -5,7 +5,7 @@ folder, glob or list of them is found (``_table_files``), read row by row (``_it
 whole) and checked for the needed columns (``_table_columns``); cell values turned into our types
 (``_text_value``, ``_number_value``); image bytes from a path, raw bytes or a Hugging Face
 ``{"bytes", "path"}`` struct (``_image_bytes``), URLs refused (``_image_url``, ``_url_error``), and the
-full decode that keeps or re-encodes an image (``_encode_image``).
+full decode that keeps or re-encodes an image (``_encode_image``, by ``gcl.data.image``'s rules).
 
 A bad value raises ``_Bad(reason, detail)`` (one skipped row); a table or option that cannot work raises
 ``PrepareError``. The code here also runs in prepare's worker processes: plain data in, plain data out.
@@ -27,7 +27,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
+
+from gcl.data.image import RGB, WHITE, to_rgb, upright
 
 FORMATS: tuple[str, ...] = ("csv", "tsv", "parquet", "jsonl")
 DEFAULT_JPEG_QUALITY = 95
@@ -173,8 +175,13 @@ def _image_url(value: Any) -> str | None:
     return None
 
 
-def _encode_image(data: bytes, resize: int | None, jpeg_quality: int | None) -> tuple[bytes, str, bool]:
-    """Decode ``data`` fully, then keep it or re-encode it. Returns (bytes, extension, re-encoded?)."""
+def _encode_image(data: bytes, resize: int | None, jpeg_quality: int | None,
+                  background: RGB = WHITE) -> tuple[bytes, str, bool]:
+    """Decode ``data`` fully, then keep it or re-encode it. Returns (bytes, extension, re-encoded?).
+
+    A re-encoded image is what every loader would make of the original (``gcl.data.image``: upright,
+    transparency on ``background``, 16-bit scaled, CMYK converted), shrunk to ``resize``, as RGB JPEG.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
             # Decode every pixel now: a truncated or corrupt file must fail here, not in a training worker.
@@ -183,16 +190,10 @@ def _encode_image(data: bytes, resize: int | None, jpeg_quality: int | None) -> 
             orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
             if resize is None and jpeg_quality is None and fmt in _KEPT_FORMATS and orientation in (0, 1):
                 return data, _KEPT_FORMATS[fmt], False
-            # Loaders decode with plain PIL, which ignores EXIF orientation: bake the rotation in.
-            out = ImageOps.exif_transpose(img)
+            # The rotation is baked in, so readers that ignore EXIF (OpenCLIP's loader) see it upright too.
+            out = to_rgb(upright(img), background)
             if resize is not None:
                 out.thumbnail((resize, resize), Image.Resampling.BICUBIC)  # keeps aspect, never enlarges
-            if out.mode in ("RGBA", "LA", "PA") or (out.mode == "P" and "transparency" in out.info):
-                # JPEG has no alpha; product cut-outs are meant to sit on white, not on black.
-                rgba = out.convert("RGBA")
-                out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                out.alpha_composite(rgba)
-            out = out.convert("RGB")
             buf = io.BytesIO()
             out.save(buf, format="JPEG", quality=jpeg_quality or DEFAULT_JPEG_QUALITY)
             return buf.getvalue(), "jpg", True

@@ -70,6 +70,7 @@ from gcl.data.batch import (  # noqa: F401 - LIST_RULES, SKIP_REASONS, concat_ba
     pad_id_of,
 )
 from gcl.data.eval_loader import EvalLoader, build_eval_loader  # noqa: F401 - re-exported
+from gcl.data.image import parse_background
 from gcl.data.schema import stable_hash
 from gcl.data.shards import _iter_shard, expand_urls, shard_sizes
 
@@ -323,7 +324,8 @@ def _worker_batches(spec: dict[str, Any], logical: int, pos: dict[str, Any], *, 
     mixer = _Mixer(spec["sources"], spec["weights"], seed=seed, resampled=spec["resampled"], slot=slot,
                    n_slots=n_slots, state=pos["start"], on_error=lambda r, url, e: log(r, url, repr(e)),
                    sizes=spec["sizes"])
-    decode = _Decoder(spec["fields"], spec["image_transform"], spec["list_rule"], spec["list_sep"])
+    decode = _Decoder(spec["fields"], spec["image_transform"], spec["list_rule"], spec["list_sep"],
+                      spec["background"])
     collate = _Collator(spec["tokenizer"], spec["context_length"], spec["fields"], spec["trim_tokens"])
     block_no, j0 = int(pos["block"]), int(pos["j"])
     pending: list[dict[str, Any]] = []
@@ -516,6 +518,7 @@ def build_train_stream(
     trim_tokens: bool = True,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
+    image_background: str | tuple[int, int, int] = "white",
 ) -> TrainStream:
     """The infinite training stream of one rank.
 
@@ -540,6 +543,7 @@ def build_train_stream(
             x workers read disjoint data: samples split exactly when the shard sizes are known
             (``sizes.json``, or counted for local shards), else whole shards (with fewer shards than slots,
             samples filtered).
+        image_background: the colour transparent pixels are composited on (``gcl.data.image``).
         trim_tokens: drop trailing all-pad token columns (set False for text towers that pool a fixed
             position, e.g. SigLIP's 'last' pooling, where pad == eos would also be cut).
 
@@ -562,7 +566,7 @@ def build_train_stream(
         "batch_size": int(batch_size), "fields": list(fields), "context_length": dict(context_length),
         "list_rule": list_rule, "list_sep": list_sep, "tokenizer": tokenizer, "image_transform": image_transform,
         "num_workers": int(num_workers), "rank": int(rank), "world_size": int(world_size),
-        "trim_tokens": bool(trim_tokens),
+        "trim_tokens": bool(trim_tokens), "background": parse_background(image_background),
     }
     return TrainStream(spec, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from gcl.data.image import parse_background
 from gcl.distributed import PeerFailure, broadcast_object, dist_or_none
 from gcl.eval import queries as Q
 from gcl.eval import tasks as T
@@ -101,18 +102,20 @@ class Evaluator:
         splits: split name -> shard pattern(s), for tasks with ``split`` (``gcl.data.resolve_splits``).
         context_length: per text field token budgets (fields not listed use ``default_context_length``).
         list_sep: how list-valued fields are joined (the data config's ``list_sep``).
+        image_background: the colour under transparent pixels (the data config's ``image_background``).
         cache: an ``EmbeddingCache`` for document embeddings (standalone evaluation), or None.
     """
 
     def __init__(self, cfg: Any, *, splits: Mapping[str, Any] | None = None,
                  context_length: Mapping[str, int] | None = None, default_context_length: int = 77,
-                 list_sep: str = ", ", cache: Any = None) -> None:
+                 list_sep: str = ", ", image_background: str = "white", cache: Any = None) -> None:
         T.validate_tasks(cfg)
         self.cfg = cfg
         self.splits = dict(splits or {})
         self.context_length = dict(context_length or {})
         self.default_context_length = int(default_context_length)
         self.list_sep = list_sep
+        self.image_background = parse_background(image_background)
         self.cache = cache
         self.tasks = list(cfg.tasks)
         self.gallery_task = self._gallery_task()
@@ -245,7 +248,8 @@ class Evaluator:
         for spec in order:
             tasks = [t for t in self.tasks if specs[t.name] == spec]
             needs = source_needs(tasks)
-            src: ShardDocs | TableDocs = ShardDocs(spec.location) if spec.kind == "shards" else TableDocs(spec)
+            src: ShardDocs | TableDocs = (ShardDocs(spec.location, self.image_background) if spec.kind == "shards"
+                                          else TableDocs(spec, self.image_background))
             ts = time.perf_counter()
             try:
                 docs = self._load_docs(src, spec, emb, bundle, needs, rank=rank, world_size=world_size,
@@ -296,7 +300,8 @@ class Evaluator:
                 tensors, side = hit
                 log.info("eval: document embeddings of %s from the cache (%s)", spec.location[0], key[:12])
                 if isinstance(src, TableDocs):
-                    src.reader = T.TableReader(spec, sorted(needs.meta), list_sep=self.list_sep, optional=(T.ITEM_ID,))
+                    src.reader = T.TableReader(spec, sorted(needs.meta), list_sep=self.list_sep, optional=(T.ITEM_ID,),
+                                               image_background=self.image_background)
                 raw = side.get("raw_rows")  # JSON object keys are strings: back to row numbers
                 return T.DocSet(ids=side["ids"], item_ids=side["item_ids"], meta=side["meta"],
                                 emb={f[4:]: v for f, v in tensors.items() if f.startswith("emb/")},
@@ -338,6 +343,8 @@ class Evaluator:
             spec={"kind": spec.kind, "columns": list(spec.columns), "image_column": spec.image_column,
                   "doc_id_column": spec.doc_id_column, "max_docs": spec.max_docs, "embed": sorted(needs.embed),
                   "meta": sorted(needs.meta), "list_sep": self.list_sep,
+                  # how pixels are decoded (gcl.data.image): version 2 composites transparency and scales 16-bit
+                  "image_decode": [2, list(self.image_background)],
                   "context": {f: emb.context_length(f) for f in sorted(needs.embed | needs.meta) if f != IMAGE},
                   "tokenizer": type(emb.tokenizer).__name__, "version": 2})
 
@@ -463,12 +470,13 @@ def build_evaluator(cfg: Any, *, splits: Mapping[str, Any] | None, data_cfg: Any
     """An Evaluator for the ``eval`` node ``cfg``, with text budgets and list joining from ``data_cfg``."""
     return Evaluator(cfg, splits=splits, context_length=dict(data_cfg.context_length),
                      default_context_length=int(data_cfg.default_context_length), list_sep=str(data_cfg.list_sep),
-                     cache=cache)
+                     image_background=str(data_cfg.image_background), cache=cache)
 
 
 def evaluate_model(model: Any, cfg: Any, *, bundle: Any = None, splits: Mapping[str, Any] | None = None,
                    context_length: Mapping[str, int] | None = None, default_context_length: int = 77,
-                   list_sep: str = ", ", out_dir: str | os.PathLike | None = None, step: int | None = None,
+                   list_sep: str = ", ", image_background: str = "white",
+                   out_dir: str | os.PathLike | None = None, step: int | None = None,
                    rank: int = 0, world_size: int = 1, device: torch.device | str | None = None,
                    cache: Any = None) -> dict[str, float]:
     """Evaluate ``model`` on the suite ``cfg`` (an ``eval`` node) and return flat metrics.
@@ -481,7 +489,7 @@ def evaluate_model(model: Any, cfg: Any, *, bundle: Any = None, splits: Mapping[
     else:
         encoder = model
     ev = Evaluator(cfg, splits=splits, context_length=context_length, default_context_length=default_context_length,
-                   list_sep=list_sep, cache=cache)
+                   list_sep=list_sep, image_background=image_background, cache=cache)
     was = bundle.model.training
     bundle.model.eval()
     try:
@@ -517,7 +525,8 @@ def run(cfg: Any) -> dict[str, float]:
         cache = EmbeddingCache(cfg.eval.cache_dir)
     metrics = evaluate_model(bundle, cfg.eval, splits=splits, context_length=dict(cfg.data.context_length),
                              default_context_length=int(cfg.data.default_context_length),
-                             list_sep=str(cfg.data.list_sep), out_dir=out, device=dev, cache=cache)
+                             list_sep=str(cfg.data.list_sep), image_background=str(cfg.data.image_background),
+                             out_dir=out, device=dev, cache=cache)
     md = out / "results.md"
     log.info("results: %s\n%s", out, md.read_text() if md.is_file() else json.dumps(metrics, indent=1))
     return metrics

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from gcl.data.image import RGB, decode_image
 from gcl.distributed import gather_checked
 from gcl.eval import tasks as T
 from gcl.eval.embed import Embedder
@@ -55,10 +56,12 @@ def source_needs(tasks: Sequence[Any]) -> SourceNeeds:
 
 
 class ShardDocs:
-    """A document set read from webdataset shards through ``gcl.data.stream.build_eval_loader``."""
+    """A document set read from webdataset shards through ``gcl.data.stream.build_eval_loader``; transparent
+    pixels land on ``image_background`` (``gcl.data.image``)."""
 
-    def __init__(self, urls: Sequence[str]) -> None:
+    def __init__(self, urls: Sequence[str], image_background: RGB) -> None:
         self.urls = list(urls)
+        self.image_background = image_background
 
     def load(self, emb: Embedder, needs: SourceNeeds, *, image_transform: Any, num_workers: int, list_sep: str,
              max_docs: int, rank: int, world_size: int, sharded: bool, abort: str | None = None) -> T.DocSet | None:
@@ -96,7 +99,8 @@ class ShardDocs:
             self.urls if len(self.urls) > 1 else self.urls[0], tokenizer=emb.tokenizer,
             context_length={f: emb.context_length(f) for f in text_fields}, image_transform=image_transform,
             batch_size=emb.batch_size, fields=text_fields, num_workers=num_workers,
-            rank=rank if sharded else 0, world_size=world_size if sharded else 1, list_sep=list_sep)
+            rank=rank if sharded else 0, world_size=world_size if sharded else 1, list_sep=list_sep,
+            image_background=self.image_background)
         keys: list[str] = []
         items: list[str] = []
         meta: dict[str, list[str | None]] = {f: [] for f in text_fields}
@@ -132,18 +136,19 @@ class ShardDocs:
                     stem, _, ext = m.name.rpartition("/")[2].partition(".")
                     if stem in want and ext.lower() in IMAGE_EXTS and stem not in got:
                         try:
-                            with Image.open(tf.extractfile(m)) as im:  # type: ignore[arg-type]
-                                got[stem] = im.convert("RGB")
+                            got[stem] = decode_image(tf.extractfile(m), self.image_background)  # type: ignore[arg-type]
                         except Exception as exn:  # noqa: BLE001 - a gallery thumbnail is optional
                             log.warning("gallery: cannot read %s from %s: %r", stem, url, exn)
         return [got.get(i) for i in ids]
 
 
 class TableDocs:
-    """A document set read from a table (Parquet / CSV / JSON); images decoded in DataLoader workers."""
+    """A document set read from a table (Parquet / CSV / JSON); images decoded in DataLoader workers, transparent
+    pixels on ``image_background`` (``gcl.data.image``)."""
 
-    def __init__(self, spec: T.SourceSpec) -> None:
+    def __init__(self, spec: T.SourceSpec, image_background: RGB) -> None:
         self.spec = spec
+        self.image_background = image_background
         self.reader: T.TableReader | None = None
 
     def load(self, emb: Embedder, needs: SourceNeeds, *, image_transform: Any, num_workers: int, list_sep: str,
@@ -187,7 +192,8 @@ class TableDocs:
                rank: int, world_size: int, sharded: bool) -> tuple | None:
         """Read the table (into ``self.reader``) and embed this rank's share of its images:
         (document indices, features, unreadable (document, error) pairs); None when no task embeds images."""
-        reader = T.TableReader(self.spec, sorted(needs.meta), list_sep=list_sep, optional=(T.ITEM_ID,))
+        reader = T.TableReader(self.spec, sorted(needs.meta), list_sep=list_sep, optional=(T.ITEM_ID,),
+                               image_background=self.image_background)
         self.reader = reader
         if IMAGE not in needs.embed:
             return None

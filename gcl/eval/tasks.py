@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import io
 import json
 import logging
 import math
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from gcl.data.image import RGB, WHITE, decode_image
 from gcl.eval.schema import (
     CAP_ORDER,
     DUPLICATE_GRADE,
@@ -417,8 +417,9 @@ class TableReader:
     """
 
     def __init__(self, spec: SourceSpec, meta_fields: Sequence[str], list_sep: str = ", ",
-                 optional: Sequence[str] = ()) -> None:
+                 optional: Sequence[str] = (), image_background: RGB = WHITE) -> None:
         self.spec = spec
+        self.image_background = image_background  # under transparent pixels (gcl.data.image)
         self.files = [Path(p) for p in spec.location]
         cols = {spec.column(f) for f in [*meta_fields, *optional]}
         if spec.doc_id_column:
@@ -543,7 +544,8 @@ class TableReader:
             yield start + j, v
 
     def open_image(self, value: Any) -> Image.Image:
-        """Decode one raw image value to RGB; raises on unreadable input (the caller counts and skips)."""
+        """Decode one raw image value to RGB like every other path (``gcl.data.image.decode_image``); raises
+        on unreadable input (the caller counts and skips)."""
         if isinstance(value, dict):
             if value.get("bytes") is not None:
                 value = value["bytes"]
@@ -552,11 +554,9 @@ class TableReader:
             else:
                 raise ValueError("image struct with neither bytes nor path")
         if isinstance(value, (bytes, bytearray, memoryview)):
-            with Image.open(io.BytesIO(bytes(value))) as im:
-                return im.convert("RGB")
+            return decode_image(value, self.image_background)
         if isinstance(value, str) and value.strip():
-            with Image.open(self.image_path(value.strip())) as im:
-                return im.convert("RGB")
+            return decode_image(self.image_path(value.strip()), self.image_background)
         raise ValueError(f"empty or unsupported image value of type {type(value).__name__}")
 
     def image_path(self, value: str) -> Path:
