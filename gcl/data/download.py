@@ -532,6 +532,7 @@ def download(
     per_shard: int = 1000,
     resize: int | None = None,
     jpeg_quality: int | None = None,
+    image_background: str = "white",
     list_sep: str | None = None,
     list_fields: Sequence[str] | None = None,
     required: Sequence[str] = (),
@@ -558,7 +559,8 @@ def download(
     table, out_dir = R.as_table(table), Path(out_dir)
     files, fmt = R._table_files(table, input_format)
     settings = P._check_options(table, fields, image_column, images_root, key_column, split_column, per_shard,
-                                resize, jpeg_quality, list_sep, list_fields, required, 0, max_rows)
+                                resize, jpeg_quality, image_background, list_sep, list_fields, required, 0,
+                                max_rows)
     needed = list(dict.fromkeys([image_column, *fields.values(),
                                  *(c for c in (key_column, split_column) if c is not None)]))
     total = R._table_columns(files, fmt, needed)
