@@ -2,23 +2,37 @@
 
 Layout inside a run dir::
 
-    checkpoints/step_000100.pt   one file per save (torch.save of a plain dict of tensors/containers)
-    checkpoints/latest.json      {"file": "step_000100.pt", "step": 100}: the newest *complete* checkpoint
-    checkpoints/best.pt + best.json  the best one by the configured eval metric
+    checkpoints/step_000000100.pt        one file per save (torch.save of a plain dict of tensors/containers)
+    checkpoints/step_000000100.pt.json   its manifest: {"file", "step", "size", "sha256"}
+    checkpoints/latest.json              {"file": "step_000000100.pt", "step": 100}: the newest complete one
+    checkpoints/best.pt (+ best.pt.json) + best.json   the best one by the configured eval metric
 
-Writes go to a temporary file that is fsynced and then ``os.replace``d, and ``latest.json`` is updated only
-after the checkpoint file is complete, so a crash (even SIGKILL) mid-write never corrupts the latest good
-checkpoint. Loading uses ``torch.load(..., weights_only=True)``: everything stored is tensors, numbers,
-strings and containers (numpy RNG state is converted to a tensor for that reason).
+Writes go to a hidden temporary file in the same folder (``.NAME.tmp-PID``) that is fsynced and then
+``os.replace``d; on any failure the temporary file is removed. The manifest is written after its checkpoint
+and ``latest.json`` after both, so a crash (even SIGKILL) mid-write never touches the newest good checkpoint,
+and a temporary file is never taken for a checkpoint (``step_*.pt`` does not match it; a manager removes the
+leftovers of a crash). A full disk is reported as :class:`DiskFullError`: the path, about how much the file
+needs and how much was free.
+
+Loading verifies the file against its manifest (size, then SHA-256) and reads it with
+``torch.load(..., weights_only=True)``: everything stored is tensors, numbers, strings and containers (numpy
+RNG state is converted to a tensor for that reason). A damaged file raises :class:`CheckpointError` naming
+it; :func:`load_newest_intact` skips damaged ones (each named in a warning) and falls back to the newest
+intact checkpoint. Not here: what goes into the state (``gcl.train``), the resume rules (``gcl.resume``).
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import random
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -27,27 +41,120 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest.json"
 BEST = "best.json"
+BEST_FILE = "best.pt"
+MANIFEST_SUFFIX = ".json"  # step_000000100.pt -> step_000000100.pt.json
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+_TMP_GLOB = ".*.tmp-*"
+# errnos of a full filesystem or an exhausted quota: reported with sizes and a fix, not as a raw torch error
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _fsync_replace(tmp: Path, dst: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, damaged or unreadable; the message names the file(s) and the fix."""
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
-    path = Path(path)
+class DiskFullError(OSError):
+    """A write failed because its filesystem (or quota) is full; the message gives the path and the sizes."""
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages inside ``obj`` (what torch.save writes, give or take metadata)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        st = obj.untyped_storage()
+        key = st.data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return st.nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+class _HashingWriter:
+    """A file-like sink for ``torch.save``: counts and hashes the bytes, and keeps the exception of a failed
+    write. torch turns whatever a write raises into an opaque "unexpected pos" RuntimeError; the original
+    says what happened (an OSError's errno "disk full", a KeyboardInterrupt from a signal handler)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.error: BaseException | None = None
+
+    def write(self, b: Any) -> int:
+        try:
+            n = self.f.write(b)
+            self.sha.update(b)
+            self.size += n
+            return n
+        except BaseException as e:  # a signal handler may raise here too (KeyboardInterrupt)
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except BaseException as e:
+            self.error = e
+            raise
+
+
+def _write_atomic(path: Path, write: Callable[[_HashingWriter], None], needed: int) -> dict[str, Any]:
+    """Write ``path`` through ``write(sink)`` into a temp file, fsync, rename; returns ``{"size", "sha256"}``.
+
+    On any failure (including KeyboardInterrupt) the temp file is removed, so nothing partial stays behind; a
+    full disk raises :class:`DiskFullError` naming ``path`` with ``needed`` bytes and the free space."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    _fsync_replace(tmp, path)
+    free = shutil.disk_usage(path.parent).free
+    sink = None
+    try:
+        with open(tmp, "wb") as f:
+            sink = _HashingWriter(f)
+            write(sink)
+            sink.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = sink.error if sink is not None and sink.error is not None else e
+        if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
+            raise DiskFullError(
+                cause.errno,
+                f"no space left on device writing {path}: it needs about {_mb(needed)} and {_mb(free)} were free "
+                f"on that filesystem when the write started (the partial file was removed; earlier checkpoints "
+                f"are intact). Free space there (or lower trainer.keep_last), then resume with "
+                f"trainer.resume=auto", str(path)) from e
+        if isinstance(cause, OSError) and cause is not e:
+            raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}", str(path)) from e
+        if cause is not e:
+            raise cause from None
+        raise
+    return {"size": sink.size, "sha256": sink.sha.hexdigest()}
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.save`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    Returns the file's ``{"size", "sha256"}`` (hashed while writing). Raises DiskFullError on a full disk."""
+    return _write_atomic(Path(path), lambda sink: torch.save(obj, sink), needed=_tensor_bytes(obj))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` to ``path`` atomically (temp file, fsync, rename); DiskFullError on a full disk."""
+    data = text.encode()
+    _write_atomic(Path(path), lambda sink: sink.write(data), needed=len(data))
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    _fsync_replace(tmp, path)
+    atomic_write_text(json.dumps(obj, indent=1, sort_keys=True), path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -75,8 +182,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ------------------------------------------------------------------------------------------ writing
+
 class CheckpointManager:
-    """Saves and finds checkpoints in ``<run_dir>/checkpoints``; keeps the last ``keep_last`` step files."""
+    """Saves checkpoints in ``<run_dir>/checkpoints``; keeps the last ``keep_last`` step files."""
 
     def __init__(self, run_dir: str | os.PathLike, keep_last: int = 2) -> None:
         if keep_last < 1:
@@ -85,10 +194,10 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def save(self, state: dict[str, Any], step: int) -> Path:
-        """Write ``state`` as ``step_<step>.pt``, point ``latest.json`` at it, prune old step files."""
+        """Write ``state`` as ``step_<step>.pt`` with its manifest, point ``latest.json`` at it, prune."""
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"step_{step:09d}.pt"
-        atomic_torch_save(state, self.dir / name)
+        self._write(state, name, step)
         atomic_write_json({"file": name, "step": step}, self.dir / LATEST)
         self._prune(keep=name)
         log.info("saved checkpoint %s", self.dir / name)
@@ -96,52 +205,174 @@ class CheckpointManager:
 
     def save_best(self, state: dict[str, Any], step: int, metric: str, value: float) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(state, self.dir / "best.pt")
-        atomic_write_json({"file": "best.pt", "step": step, "metric": metric, "value": value}, self.dir / BEST)
-        return self.dir / "best.pt"
+        self._write(state, BEST_FILE, step)
+        atomic_write_json({"file": BEST_FILE, "step": step, "metric": metric, "value": value}, self.dir / BEST)
+        return self.dir / BEST_FILE
+
+    def _write(self, state: dict[str, Any], name: str, step: int) -> None:
+        digest = atomic_torch_save(state, self.dir / name)
+        atomic_write_json({"file": name, "step": step, **digest}, self.dir / (name + MANIFEST_SUFFIX))
 
     def _prune(self, keep: str) -> None:
-        steps = sorted(p for p in self.dir.glob("step_*.pt"))
+        steps = step_files(self.dir)
         for p in steps[: max(0, len(steps) - self.keep_last)]:
             if p.name != keep:
                 p.unlink(missing_ok=True)
-        for p in self.dir.glob(".*.tmp-*"):  # leftovers of a crash mid-write
-            p.unlink(missing_ok=True)
+                p.with_name(p.name + MANIFEST_SUFFIX).unlink(missing_ok=True)
+        self.remove_partial_files()
 
-    def latest(self) -> Path | None:
-        return find_checkpoint(self.dir.parent, which="latest", missing_ok=True)
+    def remove_partial_files(self) -> int:
+        """Delete the temp files a crashed or killed save left behind (never a checkpoint); returns how many."""
+        n = 0
+        for p in self.dir.glob(_TMP_GLOB) if self.dir.is_dir() else []:
+            size = p.stat().st_size if p.exists() else 0
+            p.unlink(missing_ok=True)
+            log.info("removed %s (%s), the partial file of an interrupted save", p, _mb(size))
+            n += 1
+        return n
 
     def best_value(self) -> float | None:
         p = self.dir / BEST
         return json.loads(p.read_text())["value"] if p.exists() else None
 
 
-def find_checkpoint(path: str | os.PathLike, which: str = "latest", missing_ok: bool = False) -> Path | None:
-    """Resolve a run dir, a ``checkpoints/`` dir or a checkpoint file to a checkpoint file.
+# ------------------------------------------------------------------------------------------ finding
 
-    ``which`` is ``latest`` or ``best`` for directories. Raises FileNotFoundError with a clear message unless
-    ``missing_ok``.
-    """
+def step_files(ck: Path) -> list[Path]:
+    """``step_*.pt`` files of a checkpoints folder, oldest first (by the step number in the name)."""
+    if not ck.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ck.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _checkpoints_dir(p: Path) -> Path:
+    return p / "checkpoints" if (p / "checkpoints").is_dir() else p
+
+
+def _pointer_target(pointer: Path) -> Path | None:
+    """The file a ``latest.json`` / ``best.json`` names, or None (a torn or garbled pointer is named)."""
+    if not pointer.exists():
+        return None
+    try:
+        target = pointer.parent / json.loads(pointer.read_text())["file"]
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        log.warning("%s is damaged (%s: %s); looking at the checkpoint files themselves", pointer,
+                    type(e).__name__, e)
+        return None
+    if not target.exists():
+        log.warning("%s points at missing %s; looking at the checkpoint files themselves", pointer, target.name)
+        return None
+    return target
+
+
+def candidates(path: str | os.PathLike, which: str = "latest") -> list[Path]:
+    """Checkpoint files of a run dir / ``checkpoints/`` dir, the preferred first: for ``latest``, the file
+    ``latest.json`` names, then every ``step_*.pt`` newest first; for ``best``, ``best.pt``. A file: itself."""
     p = Path(path)
     if p.is_file():
-        return p
-    ck = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    pointer = ck / (LATEST if which == "latest" else BEST)
-    if pointer.exists():
-        target = ck / json.loads(pointer.read_text())["file"]
-        if target.exists():
-            return target
-        log.warning("%s points at missing %s; falling back to the newest step file", pointer, target.name)
-    steps = sorted(ck.glob("step_*.pt")) if ck.is_dir() else []
-    if steps:
-        return steps[-1]
+        return [p]
+    ck = _checkpoints_dir(p)
+    if which == "best":
+        target = _pointer_target(ck / BEST) or (ck / BEST_FILE if (ck / BEST_FILE).is_file() else None)
+        return [target] if target is not None else []
+    first = _pointer_target(ck / LATEST)
+    rest = [s for s in reversed(step_files(ck)) if s != first]
+    return ([first] if first is not None else []) + rest
+
+
+NO_CHECKPOINT_FIX = {
+    "resume": "pass a run dir with checkpoints/ or a checkpoint file, or use trainer.resume=null to start fresh",
+    "export": "the run has not saved a checkpoint yet (the trainer saves every trainer.save_every steps and at "
+              "the end); pass a run dir that has checkpoints/, a checkpoint file, or an open_clip model "
+              "(hf-hub:ORG/NAME, local-dir:PATH, NAME:TAG)",
+    "evaluate": "pass a run dir that has checkpoints/, a checkpoint file, or an exported open_clip folder",
+}
+
+
+def find_checkpoint(path: str | os.PathLike, which: str = "latest", missing_ok: bool = False,
+                    purpose: str = "resume") -> Path | None:
+    """The preferred checkpoint file of a run dir, a ``checkpoints/`` dir or a file (not verified: see
+    :func:`load_newest_intact`). Raises FileNotFoundError with advice for ``purpose`` unless ``missing_ok``."""
+    found = candidates(path, which)
+    if found:
+        return found[0]
     if missing_ok:
         return None
-    raise FileNotFoundError(
-        f"no checkpoint found in {path} (looked for {pointer} and step_*.pt); pass a run dir with "
-        "checkpoints/, a checkpoint file, or use trainer.resume=null to start fresh")
+    ck = _checkpoints_dir(Path(path))
+    raise FileNotFoundError(f"no checkpoint found in {path} (looked for {ck / (LATEST if which == 'latest' else BEST)}"
+                            f" and step_*.pt): {NO_CHECKPOINT_FIX[purpose]}")
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict safely (``weights_only=True``)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+# ------------------------------------------------------------------------------------------ loading
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_file(path: str | os.PathLike) -> None:
+    """Check ``path`` against its manifest (size, then SHA-256); raise CheckpointError naming it. A file
+    without a manifest (an older checkpoint) passes here and is checked by reading it."""
+    p = Path(path)
+    manifest = p.with_name(p.name + MANIFEST_SUFFIX)
+    if not manifest.is_file():
+        return
+    try:
+        want = json.loads(manifest.read_text())
+        size, sha = int(want["size"]), str(want["sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("manifest %s is unreadable (%s); checking %s by reading it", manifest, e, p.name)
+        return
+    got = p.stat().st_size
+    if got != size:
+        raise CheckpointError(f"checkpoint {p} is damaged: {got} bytes, its manifest says {size} "
+                              f"({'truncated' if got < size else 'extra bytes'})")
+    if _sha256(p) != sha:
+        raise CheckpointError(f"checkpoint {p} is damaged: its SHA-256 differs from the manifest's")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    verify: bool = True) -> dict[str, Any]:
+    """Verify (unless already done: ``verify=False``) and load a checkpoint dict safely (``weights_only=True``);
+    CheckpointError names a damaged or unreadable file."""
+    if verify:
+        verify_file(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError/... for a damaged file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
+
+
+def load_newest_intact(path: str | os.PathLike, which: str = "latest", map_location: str | torch.device = "cpu",
+                       purpose: str = "resume") -> tuple[Path, dict[str, Any]] | None:
+    """``(file, state)`` of the newest intact checkpoint of ``path`` (see :func:`candidates`), or None when
+    there is none at all. Each damaged one is named in a warning and skipped; when every one is damaged,
+    CheckpointError lists them. A file given directly is loaded or refused, never replaced by another."""
+    found = candidates(path, which)
+    damaged: list[str] = []
+    for f in found:
+        try:
+            state = load_checkpoint(f, map_location)
+        except CheckpointError as e:
+            if Path(path).is_file():
+                raise CheckpointError(f"{e}. Pass another checkpoint file, or the run dir (then the newest "
+                                      "intact checkpoint is used)") from e
+            log.warning("skipping %s; falling back to the next newest checkpoint", e)
+            damaged.append(str(e))
+            continue
+        if damaged:
+            log.warning("using %s (step %s) instead of %d damaged newer checkpoint(s)", f, state.get("step"),
+                        len(damaged))
+        return f, state
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint in {path}: " + "; ".join(damaged) + f". {NO_CHECKPOINT_FIX[purpose]}")
+    return None

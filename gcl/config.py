@@ -125,6 +125,7 @@ class TrainerConfig:
     keep_last: int = 2
     resume: Optional[str] = None  # auto | PATH | URL of a remote_sync prefix | null
     remote_sync: Optional[str] = None  # s3://bucket/runs/NAME: mirror checkpoints + export there (gcl.remote)
+    resume_changes: str = "refuse"  # refuse | allow (gcl.resume)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
@@ -209,6 +210,7 @@ register()
 # ---------------------------------------------------------------------------------------------- validate
 
 IMAGE = "image"
+RESUME_CHANGES = ("refuse", "allow")  # trainer.resume_changes (gcl.resume)
 TEXT_PACKING = ("auto", "prefix", "buckets")  # model.text_packing (see gcl.model.FieldEncoder)
 
 
@@ -347,3 +349,45 @@ def validate(cfg: DictConfig) -> None:
         _fail("trainer.best_metric", "needs eval tasks (eval=...)")
     if t.best_metric and t.eval_every == 0:
         _fail("trainer.best_metric", "needs trainer.eval_every > 0 to pick a best checkpoint during training")
+    if t.best_metric:
+        validate_best_metric(t.best_metric, cfg.eval)
+    if t.resume_changes not in RESUME_CHANGES:
+        _fail("trainer.resume_changes", f"{t.resume_changes!r} is not one of {', '.join(RESUME_CHANGES)}")
+    validate_optim(cfg.optim, cfg.sched)
+
+
+def validate_best_metric(name: str, eval_cfg: DictConfig) -> None:
+    """``trainer.best_metric`` must be a name the eval suite reports (derived from its config, no model)."""
+    import difflib
+
+    from gcl.eval.tasks import metric_names
+
+    names = metric_names(eval_cfg)
+    if name in names:
+        return
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"the suite {eval_cfg.name!r} reports e.g. {names[:3]}"
+    _fail("trainer.best_metric", f"{name!r} is not a metric of eval={eval_cfg.name} ({len(names)} names: "
+          f"<suite>/<task or aggregate>/<metric>); {hint}")
+
+
+def validate_optim(o: DictConfig, s: DictConfig) -> None:
+    """Ranges of every learning-rate, weight-decay and Adam key: a negative lr trains by gradient ascent."""
+    if not o.lr > 0:
+        _fail("optim.lr", f"must be > 0, got {o.lr}")
+    for k in ("lr_image", "lr_text"):
+        if o[k] is not None and not o[k] >= 0:
+            _fail(f"optim.{k}", f"must be >= 0 (0 leaves that tower unchanged; null = optim.lr), got {o[k]}")
+    if not o.weight_decay >= 0:
+        _fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        _fail("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    if not o.eps > 0:
+        _fail("optim.eps", f"must be > 0, got {o.eps}")
+    for k in ("grad_clip", "logit_scale_max"):
+        if o[k] is not None and not o[k] > 0:
+            _fail(f"optim.{k}", f"must be > 0 or null (off), got {o[k]}")
+    if not 0 <= s.min_lr_ratio <= 1:
+        _fail("sched.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
+    if s.cooldown_steps < 0:
+        _fail("sched.cooldown_steps", f"must be >= 0, got {s.cooldown_steps}")

@@ -42,11 +42,14 @@ def all_reduce_sum(t: Tensor) -> Tensor:
 
 
 class PeerFailure(RuntimeError):
-    """Raised on every rank together when some rank failed its part of a sharded evaluation."""
+    """Raised on every rank together when some rank failed its part of a collective piece of work (a sharded
+    evaluation, a checkpoint save)."""
 
 
-def gather_checked(work: Callable[[], Any], world_size: int, rank: int, abort: str | None = None) -> list[Any]:
-    """Run this rank's ``work()`` and all-gather the results, failing on every rank if any rank failed.
+def gather_checked(work: Callable[[], Any], world_size: int, rank: int, abort: str | None = None,
+                   what: str = "sharded evaluation") -> list[Any]:
+    """Run this rank's ``work()`` and all-gather the results, failing on every rank if any rank failed
+    (``PeerFailure`` saying that ``what`` failed, with each failed rank's error).
 
     A rank that raises (or arrives with ``abort``, an earlier failure of its own) still joins the gather,
     sending its error instead of a result, so no rank is left waiting in a collective that never completes.
@@ -61,12 +64,12 @@ def gather_checked(work: Callable[[], Any], world_size: int, rank: int, abort: s
         try:
             payload = ("ok", work())
         except Exception as exn:  # noqa: BLE001 - reported to every rank below
-            log.exception("evaluation failed on rank %d", rank)
+            log.exception("%s failed on rank %d", what, rank)
             payload = ("error", f"rank {rank}: {type(exn).__name__}: {exn}")
     parts = gather_objects(payload, world_size)
     errors = [p[1] for p in parts if p[0] == "error"]
     if errors:
-        raise PeerFailure("sharded evaluation failed: " + "; ".join(errors))
+        raise PeerFailure(f"{what} failed: " + "; ".join(errors))
     return [p[1] for p in parts]
 
 

@@ -1,4 +1,5 @@
-"""Rank-zero run logging: console/progress bar, ``metrics.jsonl``, wandb (offline by default).
+"""Rank-zero run logging: console/progress bar, ``metrics.jsonl``, wandb (offline by default), and the
+record of a failure in ``train.log`` (:func:`report_failure`).
 
 Named ``log`` (not ``logging``) so the standard library is never shadowed.
 """
@@ -97,14 +98,80 @@ class RunLogger:
         if self.is_main:
             log.info(msg)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Close the bar, the file and wandb; a non-zero ``exit_code`` marks the wandb run as not finished."""
         if self._bar is not None:
             self._bar.close()
         if self._file is not None:
             self._file.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=exit_code)
         self._bar = self._file = self._wandb = None
+
+
+def cut_metrics(path: Path, step: int) -> int:
+    """Drop the rows a resumed run will log again: those after ``step`` (the checkpoint's), or every row
+    when it starts again from step 0 (its step-0 eval included). One row per step in ``metrics.jsonl`` then,
+    even after a crash or SIGKILL between checkpoints. Returns how many rows were dropped."""
+    from gcl.checkpoint import atomic_write_text
+
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            row_step = None  # a line torn by a kill mid-write: never a complete row
+        if row_step is not None and 0 < step and row_step <= step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text("".join(x + "\n" for x in keep), path)
+        log.info("%s: dropped %d rows past step %d (logged before the run stopped; they are logged again)",
+                 path, dropped, step)
+    return dropped
+
+
+def report_failure(exn: BaseException, *, rank: int, shared_log: Path | None = None,
+                   plain: tuple[type[BaseException], ...] = ()) -> None:
+    """Record why a run failed where it is kept: every rank logs one line (console and its log file); rank 0
+    adds the traceback to its log files (Hydra's ``train.log``; Hydra prints it to stderr itself), or the
+    whole message for the ``plain`` errors whose message says everything (a config mistake); the other
+    ranks append their line to rank 0's ``train.log`` (``shared_log``) when it is known."""
+    if isinstance(exn, KeyboardInterrupt):
+        line = f"rank {rank}: interrupted (a second Ctrl-C) without saving; the newest checkpoint on disk stays"
+    else:
+        line = f"rank {rank} failed: {type(exn).__name__}: {exn}".splitlines()[0]
+    log.error("%s", line)
+    if rank != 0:
+        if shared_log is not None:
+            _append_line(shared_log, line)
+        return
+    if isinstance(exn, KeyboardInterrupt):
+        return
+    if isinstance(exn, plain):
+        if "\n" in str(exn):
+            _to_files(logging.ERROR, str(exn), None)
+        return
+    _to_files(logging.ERROR, f"traceback of the failure on rank {rank}:", exn)
+
+
+def _to_files(level: int, msg: str, exn: BaseException | None) -> None:
+    """One record for the root logger's file handlers only (the console already has the short line)."""
+    rec = logging.LogRecord(__name__, level, __file__, 0, msg, None,
+                            (type(exn), exn, exn.__traceback__) if exn is not None else None)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.FileHandler) and level >= h.level:
+            h.handle(rec)
+
+
+def _append_line(path: Path, line: str) -> None:
+    with contextlib.suppress(OSError), open(path, "a", encoding="utf-8") as f:
+        f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}][gcl][ERROR] - {line}\n")
 
 
 class _QuietOpenClip(logging.Filter):

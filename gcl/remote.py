@@ -26,10 +26,9 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from gcl import storage
-from gcl.checkpoint import BEST, LATEST, atomic_write_json, find_checkpoint
+from gcl.checkpoint import BEST, LATEST, MANIFEST_SUFFIX, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +81,9 @@ class RemoteSync:
         if not path.exists():  # pruned locally before its turn came: a newer checkpoint supersedes it
             return
         storage.put_file(path, storage.join(self.url, CKPT_DIR, name))
+        manifest = local_dir / (name + MANIFEST_SUFFIX)  # size + SHA-256: a download is verified like a local file
+        if manifest.is_file():
+            storage.put_file(manifest, storage.join(self.url, CKPT_DIR, manifest.name))
         storage.write_text(storage.join(self.url, CKPT_DIR, pointer), pointer_text)
         for rel in RUN_FILES:
             p = self.run_dir / rel
@@ -91,7 +93,8 @@ class RemoteSync:
             self._mirrored = name
             keep = {p.name for p in local_dir.glob("step_*.pt")} | {name}
             for remote in storage.listdir(storage.join(self.url, CKPT_DIR)):
-                if remote.startswith("step_") and remote.endswith(".pt") and remote not in keep:
+                stem = remote[:-len(MANIFEST_SUFFIX)] if remote.endswith(".pt" + MANIFEST_SUFFIX) else remote
+                if stem.startswith("step_") and stem.endswith(".pt") and stem not in keep:
                     storage.remove(storage.join(self.url, CKPT_DIR, remote))
 
     def _upload_dir(self, local: Path, rel: str) -> None:
@@ -135,6 +138,14 @@ class RemoteSync:
             log.warning("remote sync to %s: the last upload failed: %s", self.url, self._error)
 
 
+def _fetch_manifest(checkpoint_url: str, local: Path) -> None:
+    """The checkpoint's manifest (size + SHA-256), when the mirror has one, so the download is verified."""
+    text = storage.read_text(checkpoint_url + MANIFEST_SUFFIX)
+    if text is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(text)
+
+
 def fetch_latest(url: str, run_dir: str | os.PathLike) -> Path | None:
     """Download the checkpoint ``url`` points at into ``run_dir/checkpoints`` and return its local path.
 
@@ -144,6 +155,7 @@ def fetch_latest(url: str, run_dir: str | os.PathLike) -> Path | None:
     url = url.rstrip("/")
     local_dir = Path(run_dir) / CKPT_DIR
     if url.endswith(".pt"):
+        _fetch_manifest(url, local_dir / (url.rsplit("/", 1)[1] + MANIFEST_SUFFIX))
         return storage.get_file(url, local_dir / url.rsplit("/", 1)[1])
     remote_dir = storage.join(url, CKPT_DIR)
     pointer = storage.read_text(storage.join(remote_dir, LATEST))
@@ -156,6 +168,8 @@ def fetch_latest(url: str, run_dir: str | os.PathLike) -> Path | None:
         name = steps[-1] if steps else None
     if name is None:
         return None
+    if name + MANIFEST_SUFFIX in names:
+        _fetch_manifest(storage.join(remote_dir, name), local_dir / (name + MANIFEST_SUFFIX))
     local = storage.get_file(storage.join(remote_dir, name), local_dir / name)
     step = int(name[len("step_"):-len(".pt")]) if name.startswith("step_") else None
     if step is not None:  # the local pointer too, so a later local resume finds it without the mirror
@@ -164,38 +178,20 @@ def fetch_latest(url: str, run_dir: str | os.PathLike) -> Path | None:
     return local
 
 
-def resume_checkpoint(resume: str | None, run_dir: str | os.PathLike, remote_sync: str | None, *, is_main: bool,
-                      gather: Callable[[Any], list[Any]]) -> Path | None:
-    """``trainer.resume`` -> the local checkpoint to load, or None to start from step 0.
+def fetch_for_resume(resume: str, run_dir: str | os.PathLike, remote_sync: str | None) -> Path | None:
+    """Download what ``trainer.resume`` names from object storage into the run dir; None when nothing is remote.
 
-    ``auto``: the run dir's latest; when it has none and ``remote_sync`` is set, the mirror's latest,
-    downloaded into the run dir. An object-storage URL: that mirror prefix's latest (or that file),
-    downloaded. Anything else: a local run dir / checkpoint path. Downloads happen on rank 0 only (ranks
-    share the run dir, as they do for saving); ``gather`` (an all-gather of one object) tells every rank
-    the outcome, so a failed download raises on every rank instead of leaving the others waiting.
+    Called on rank 0 only (ranks share the run dir, as they do for saving; the trainer tells the others).
+    ``auto`` (the caller found no intact local checkpoint): the ``remote_sync`` mirror's latest, or None when
+    there is no mirror or it is still empty. An object-storage URL: that prefix's latest (or that file); an
+    empty prefix raises StorageError. A local path: None (nothing to fetch).
     """
-    if resume is None:
-        return None
-    from_url = storage.is_remote(resume)
-    if resume != "auto" and not from_url:
-        return find_checkpoint(resume)
-    source = resume if from_url else remote_sync
-    if source is None:
-        return find_checkpoint(run_dir, missing_ok=True)
-    outcome: tuple[str, str | None] = ("ok", None)
-    if is_main:
-        try:
-            local = None if from_url else find_checkpoint(run_dir, missing_ok=True)
-            if local is None:
-                got = fetch_latest(source, run_dir)
-                if got is None and from_url:
-                    raise storage.StorageError(f"trainer.resume={resume}: no checkpoint there (looked for "
-                                               f"{storage.join(source, CKPT_DIR, LATEST)} and step_*.pt)")
-                local = got
-            outcome = ("ok", None if local is None else str(local))
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            outcome = ("error", f"{type(err).__name__}: {err}")
-    status, value = gather(outcome)[0]  # rank 0's outcome
-    if status == "error":
-        raise storage.StorageError(f"resuming from {source} failed on rank 0: {value}")
-    return None if value is None else Path(value)
+    if storage.is_remote(resume):
+        got = fetch_latest(resume, run_dir)
+        if got is None:
+            raise storage.StorageError(f"trainer.resume={resume}: no checkpoint there (looked for "
+                                       f"{storage.join(resume, CKPT_DIR, LATEST)} and step_*.pt)")
+        return got
+    if resume == "auto" and remote_sync is not None:
+        return fetch_latest(remote_sync, run_dir)
+    return None

@@ -28,11 +28,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from gcl import config as gcl_config
-from gcl.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
-from gcl.distributed import all_reduce_sum, gather_objects
-from gcl.launch import StopSignal, slurm_to_torch_env
-from gcl.log import RunLogger, Throughput, console_logging
-from gcl.remote import RemoteSync, resume_checkpoint
+from gcl import resume
+from gcl.checkpoint import (
+    CheckpointManager,
+    find_checkpoint,
+    load_checkpoint,
+    load_newest_intact,
+    rng_state,
+    set_rng_state,
+    step_files,
+)
+from gcl.distributed import all_reduce_sum, gather_checked, gather_objects
+from gcl.launch import INTERRUPTED_EXIT, StopSignal, slurm_to_torch_env
+from gcl.log import RunLogger, Throughput, console_logging, cut_metrics, report_failure
+from gcl.remote import RemoteSync, fetch_for_resume
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +126,10 @@ class Trainer:
         self.best: float | None = None
         self.last_eval: dict[str, float] = {}
         self._window: dict[str, Any] | None = None  # valid rows per term since the last logged step
+        self.stop: StopSignal | None = None  # set while fit() runs
+        self.interrupted: str | None = None  # the signal that stopped fit() after its checkpoint was saved
+        self.resumed_from: int | None = None
+        self._saved_step: int | None = None  # the step of the newest checkpoint written or loaded
         self._resume()
 
     # ------------------------------------------------------------------------------------------- build
@@ -284,43 +297,114 @@ class Trainer:
         }
 
     def _resume(self) -> None:
-        r = self.cfg.trainer.resume
-        if r is None:
+        """Continue from ``trainer.resume`` (auto: this run dir), or start at step 0. The checkpoint's config is
+        diffed against this one (``gcl.resume``: applied, from-step or refused changes) before anything is
+        loaded; optimizer and schedule settings of this config win over the stored ones. Either way, this
+        launch's config joins the run's config history."""
+        found = self._checkpoint_to_resume()
+        if found is None:
+            self._record_launch()
             return
-        path = resume_checkpoint(r, self.run_dir, self.cfg.trainer.remote_sync, is_main=self.is_main,
-                                 gather=lambda obj: gather_objects(obj, self.world_size))
-        if path is None:
-            log.info("trainer.resume=auto: no checkpoint in %s yet, starting from step 0", self.run_dir)
-            return
-        state = load_checkpoint(path, map_location="cpu")
-        if state["world_size"] != self.world_size:
-            raise RuntimeError(
-                f"checkpoint {path} was written by {state['world_size']} processes, this run has "
-                f"{self.world_size}: exact resume needs the same world size (each rank's data position is saved). "
-                "Relaunch with the same number of processes, or start fresh from its weights with "
-                f"model.pretrained={path} trainer.resume=null")
+        path, state = found
+        step = state["step"]
+        saved = OmegaConf.to_container(OmegaConf.create(state["config"]), resolve=True)
+        changes = resume.diff(saved, OmegaConf.to_container(self.cfg, resolve=True), state["world_size"],
+                              self.world_size)
+        try:
+            resume.check(changes, policy=self.cfg.trainer.resume_changes, checkpoint=path, step=step)
+        except resume.ResumeRefused:
+            if self.is_main:
+                resume.restore_config(self.run_dir, step, state["config"])
+            raise
         self.accelerator.unwrap_model(self.forward_module).model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        moved: dict[tuple[float, float], list[str]] = {}
+        for name, old, new in resume.load_optimizer_keeping_settings(self.optimizer, self.scheduler,
+                                                                     state["optimizer"], state["scheduler"]):
+            moved.setdefault((old, new), []).append(name)
+        for (old, new), names in moved.items():
+            log.info("resume: lr at step %d %.4g -> %.4g (parameter groups %s)", step, old, new, ", ".join(names))
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
+        self.step = step
         self.nonfinite_total = state["counters"]["nonfinite_total"]
         self.nonfinite_streak = state["counters"]["nonfinite_streak"]
-        self.best = state["best"]
-        mine = state["per_rank"][self.rank]
+        if any(c.key in ("trainer.best_metric", "trainer.best_mode") for c in changes):
+            log.info("resume: trainer.best_metric/best_mode changed, so the best value so far starts afresh")
+        else:
+            self.best = state["best"]
+        per_rank = state["per_rank"]
+        mine = per_rank[self.rank] if self.rank < len(per_rank) else per_rank[0]  # other world size: allowed
         self.stream.load_state_dict(mine["data"])
-        self._resume_rng = mine["rng"]
+        if self.rank < len(per_rank):
+            self._resume_rng = mine["rng"]
+        self.resumed_from = step
+        self._saved_step = step
+        self._record_launch()
         log.info("resumed from %s at step %d", path, self.step)
 
-    def save(self) -> None:
-        state = self.state_dict()  # collective: every rank takes part
+    def _checkpoint_to_resume(self) -> tuple[Path, dict[str, Any]] | None:
+        """``(file, state)`` to resume from, or None to start at step 0. Rank 0 picks the newest intact
+        checkpoint (damaged ones are named and skipped); every rank then loads that file."""
+        r = self.cfg.trainer.resume
+        if r is None:
+            if self.is_main and step_files(self.run_dir / "checkpoints"):
+                raise resume.ResumeRefused(
+                    f"trainer.resume=null, but {self.run_dir} already holds checkpoints of a run (newest "
+                    f"{step_files(self.run_dir / 'checkpoints')[-1].name}): continue it with trainer.resume=auto, "
+                    "or train from scratch in another hydra.run.dir")
+            return None
+
+        def pick() -> str | None:
+            if not self.is_main:
+                return None
+            if r == "auto":
+                self.ckpt.remove_partial_files()
+                found = load_newest_intact(self.run_dir, map_location="cpu")
+                if found is None and fetch_for_resume(r, self.run_dir, self.cfg.trainer.remote_sync) is not None:
+                    found = load_newest_intact(self.run_dir, map_location="cpu")  # the mirror's, downloaded
+                if found is None:
+                    log.info("trainer.resume=auto: no checkpoint in %s yet, starting from step 0", self.run_dir)
+            else:
+                local = fetch_for_resume(r, self.run_dir, self.cfg.trainer.remote_sync) or r
+                found = load_newest_intact(local, map_location="cpu")
+                if found is None:
+                    find_checkpoint(local)  # raises FileNotFoundError with the advice
+            self._picked = found
+            return None if found is None else str(found[0])
+
+        chosen = gather_checked(pick, self.world_size, self.rank, what="finding the checkpoint to resume")[0]
+        if chosen is None:
+            return None
         if self.is_main:
-            path = self.ckpt.save(state, self.step)
-            if self.remote is not None:
-                self.remote.push_checkpoint(path)
-        self.accelerator.wait_for_everyone()
+            return self._picked
+        return Path(chosen), load_checkpoint(chosen, map_location="cpu", verify=False)
+
+    def _record_launch(self) -> None:
+        if self.is_main:
+            if self.resumed_from is not None:
+                cut_metrics(self.run_dir / "metrics.jsonl", self.step)
+            elif self.cfg.trainer.resume == "auto":
+                cut_metrics(self.run_dir / "metrics.jsonl", 0)  # a start that crashed before its first save
+            resume.record_config(self.run_dir, OmegaConf.to_yaml(self.cfg), self.step)
+
+    def save(self) -> None:
+        """Save a checkpoint of this step (once per step) on rank 0; every rank waits for it and raises if the
+        save failed (a full disk, say), so no rank goes on alone. A second Ctrl-C does not abort it."""
+        if self._saved_step == self.step:
+            return
+        guard = self.stop.protect() if self.stop is not None else contextlib.nullcontext()
+        with guard:
+            state = self.state_dict()  # collective: every rank takes part
+
+            def write() -> None:
+                if self.is_main:
+                    path = self.ckpt.save(state, self.step)
+                    if self.remote is not None:
+                        self.remote.push_checkpoint(path)
+
+            gather_checked(write, self.world_size, self.rank, what=f"saving the checkpoint of step {self.step}")
+        self._saved_step = self.step
 
     # -------------------------------------------------------------------------------------------- step
     def _meta(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -427,16 +511,23 @@ class Trainer:
         better = self.best is None or (v > self.best if self.cfg.trainer.best_mode == "max" else v < self.best)
         if better:
             self.best = v
-            state = self.state_dict()
-            if self.is_main:
-                path = self.ckpt.save_best(state, self.step, name, v)
-                if self.remote is not None:
-                    self.remote.push_checkpoint(path)
+            guard = self.stop.protect() if self.stop is not None else contextlib.nullcontext()
+            with guard:
+                state = self.state_dict()
+
+                def write() -> None:
+                    if self.is_main:
+                        path = self.ckpt.save_best(state, self.step, name, v)
+                        if self.remote is not None:
+                            self.remote.push_checkpoint(path)
+
+                gather_checked(write, self.world_size, self.rank, what=f"saving the best checkpoint (step {self.step})")
 
     # -------------------------------------------------------------------------------------------- loop
     def fit(self) -> float | None:
         """Train to ``trainer.max_steps``; returns the best (or last) value of ``trainer.best_metric`` for
-        sweepers, else the last logged loss."""
+        sweepers, else the last logged loss. After SIGTERM/SIGINT it saves a checkpoint, sets
+        :attr:`interrupted` and returns early (:func:`run` then exits with ``INTERRUPTED_EXIT``)."""
         cfg, t, acc = self.cfg, self.cfg.trainer, self.accelerator
         logger = RunLogger(
             self.run_dir, is_main=self.is_main, total_steps=t.max_steps, start_step=self.step,
@@ -444,8 +535,9 @@ class Trainer:
             wandb_entity=cfg.logger.wandb.entity, wandb_name=cfg.logger.wandb.name,
             wandb_tags=list(cfg.logger.wandb.tags),
             config=OmegaConf.to_container(cfg, resolve=True) if self.is_main else None)
-        stop = StopSignal()
+        self.stop = stop = StopSignal()
         last_loss: float | None = None
+        exit_code = 1  # what wandb is told if the loop raises
         try:
             if self.evaluator is not None and self.step == 0:
                 self._log_eval(logger, self.evaluate())
@@ -476,20 +568,24 @@ class Trainer:
                     self.save()
                 if all_reduce_sum(torch.tensor([float(stop.received is not None)])).item() > 0:
                     logger.write(f"received {stop.received or 'a stop signal'}: saving a checkpoint at step "
-                                 f"{self.step} and exiting; resume with trainer.resume=auto")
+                                 f"{self.step} and exiting with code {INTERRUPTED_EXIT}; resume with "
+                                 "trainer.resume=auto")
                     self.save()
+                    self.interrupted = stop.received or "a stop signal on another rank"
+                    exit_code = INTERRUPTED_EXIT
                     return last_loss
             if self.evaluator is not None and (not t.eval_every or self.step % t.eval_every):
                 self._log_eval(logger, self.evaluate())
-            if not (t.save_every and self.step % t.save_every == 0):
-                self.save()
+            self.save()
             logger.write(f"done: {self.step} steps in {time.perf_counter() - t_start:.1f}s; run dir {self.run_dir}")
             if cfg.export.enabled and self.is_main:
                 self._export()
             acc.wait_for_everyone()
+            exit_code = 0
         finally:
             stop.restore()
-            logger.close()
+            self.stop = None
+            logger.close(exit_code)
             if self.remote is not None:  # waits for the uploads; strict unless an error is already on its way
                 self.remote.close(strict=sys.exc_info()[0] is None)
         name = t.best_metric
@@ -568,10 +664,29 @@ class Trainer:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Entry point of ``train.py``: validate, build, train. Returns the sweep objective (see Trainer.fit)."""
+    """Entry point of ``train.py``: validate, build, train. Returns the sweep objective (see Trainer.fit).
+
+    A run stopped by SIGTERM/SIGINT (its checkpoint saved) ends with ``SystemExit(INTERRUPTED_EXIT)``: not
+    finished for schedulers and sweeps, which see a non-zero status and no objective. A failure is written to
+    the run's ``train.log`` (traceback on rank 0, one line on every rank) before it propagates."""
     from hydra.core.hydra_config import HydraConfig
 
-    gcl_config.validate(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with console_logging():
-        return Trainer(cfg, run_dir).fit()
+    trainer = None
+    try:
+        gcl_config.validate(cfg)
+        with console_logging():
+            trainer = Trainer(cfg, run_dir)
+            value = trainer.fit()
+    except BaseException as exn:
+        from gcl.eval.tasks import EvalConfigError
+
+        report_failure(exn, rank=trainer.rank if trainer else int(os.environ.get("RANK", "0")),
+                       shared_log=trainer.run_dir / "train.log" if trainer else None,
+                       plain=(gcl_config.ConfigError, resume.ResumeRefused, EvalConfigError))
+        raise
+    if trainer.interrupted:
+        log.warning("stopped by %s after saving the checkpoint of step %d: exit code %d (not finished); "
+                    "continue with trainer.resume=auto", trainer.interrupted, trainer.step, INTERRUPTED_EXIT)
+        raise SystemExit(INTERRUPTED_EXIT)
+    return value

@@ -23,3 +23,31 @@ def compose(config_name: str = "train", overrides: list[str] | None = None, retu
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides or [],
                              return_hydra_config=return_hydra_config)
+
+
+def interrupt_writes(monkeypatch, after_bytes: int, times: int) -> None:
+    """SIGINT to this process ``times`` times while a checkpoint file is being written (from inside the file's
+    write, where a Ctrl-C during the write system call is delivered), once ``after_bytes`` are out."""
+    import os
+    import signal
+
+    from gcl import checkpoint
+
+    sent = {"n": 0, "bytes": 0}
+
+    class File:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            sent["bytes"] += len(b)
+            if sent["bytes"] >= after_bytes and sent["n"] < times:
+                sent["n"] += 1
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    real_init = checkpoint._HashingWriter.__init__
+    monkeypatch.setattr(checkpoint._HashingWriter, "__init__", lambda self, f: real_init(self, File(f)))

@@ -774,3 +774,22 @@ def aggregate(per_task: Mapping[str, Mapping[str, float]], patterns: Sequence[st
     wanted = [m for m in metrics if m in shared] if metrics else sorted(shared)
     return {m: float(np.mean([per_task[n][m] for n in names])) for m in wanted}, names
 
+
+def metric_names(cfg: Any) -> list[str]:
+    """Every flat metric name an evaluation of the ``eval`` node ``cfg`` reports (``<suite>/<task>/<metric>``
+    and ``<suite>/<aggregate>/<metric>``), from the config alone: the same rules as :func:`add_means` and
+    :func:`aggregate`, without a model or data. Lets ``trainer.best_metric`` be checked before training."""
+    means = {str(k): [str(m) for m in v] for k, v in dict(cfg.means).items()}
+    per_task: dict[str, list[str]] = {}
+    for t in cfg.tasks:
+        ms = [str(m) for m in t.metrics]
+        per_task[str(t.name)] = ms + [n for n, parts in means.items() if parts and all(p in ms for p in parts)]
+    names = [f"{cfg.name}/{t}/{m}" for t, ms in per_task.items() for m in ms]
+    for a in cfg.aggregates:
+        matched = [t for t in per_task if any(fnmatch.fnmatchcase(t, p) for p in a.tasks)]
+        if not matched:
+            continue
+        shared = set.intersection(*(set(per_task[t]) for t in matched))
+        wanted = [m for m in a.metrics if m in shared] if a.metrics else sorted(shared)
+        names += [f"{cfg.name}/{a.name}/{m}" for m in wanted]
+    return names

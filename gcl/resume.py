@@ -1,0 +1,232 @@
+"""What a resume may change: the config diff against the checkpoint, its classes, and the config history.
+
+A checkpoint keeps the resolved config it was trained with. On ``trainer.resume=auto|PATH`` the current
+config is compared with it key by key, and every difference falls in one class of :data:`CHANGE_RULES`
+(the one table of them; the longest matching key prefix wins):
+
+- ``applied``: cannot change what is trained (eval, logging, export, checkpoint cadence, a longer or shorter
+  run's bookkeeping, execution settings such as ``model.grad_checkpointing``); applied and logged.
+- ``from_step``: optimizer and schedule settings; they take effect from the resumed step and are logged as
+  ``optim.lr 0.0005 -> 1e-06 from step N`` (:func:`load_optimizer_keeping_settings` makes them win over
+  the values stored in the optimizer and scheduler state).
+- ``refused``: changes that break exactness or meaning (data, loss, model, batch size, seed, world size):
+  the resume stops before any step, naming each key and the ways out (``trainer.resume_changes=allow``,
+  which warns instead, or a fresh start from the checkpoint's weights).
+
+Also here: the config history (``.hydra/config.step_<N>.yaml``: the config of the launch that started at
+step N, kept because Hydra rewrites ``.hydra/config.yaml`` on every launch). Not here: reading and
+verifying checkpoint files (``gcl.checkpoint``), building the trainer (``gcl.train``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+APPLIED, FROM_STEP, REFUSED = "applied", "from_step", "refused"
+WORLD_SIZE = "world size"  # not a config key: the number of processes, compared like one
+
+
+def _workers(old: Any, new: Any) -> str:
+    # the sample order is a function of (rank, logical worker); 0 and 1 workers are both one logical worker
+    return APPLIED if max(1, int(old or 0)) == max(1, int(new or 0)) else REFUSED
+
+
+Rule = str | Callable[[Any, Any], str]
+# The classes of change, by key prefix (longest match wins; a key under no prefix is refused). Elastic
+# resume on another world size (issue 18) will turn WORLD_SIZE into a rule of its own.
+CHANGE_RULES: dict[str, Rule] = {
+    "model": REFUSED,
+    "model.cache_dir": APPLIED,
+    "model.checkpoint": APPLIED,
+    "model.compile": APPLIED,
+    "model.grad_checkpointing": APPLIED,
+    "model.text_packing": APPLIED,
+    "data": REFUSED,
+    "data.num_workers": _workers,
+    "data.prefetch_factor": APPLIED,
+    "data.val_shards": APPLIED,
+    "data.test_shards": APPLIED,
+    "loss": REFUSED,
+    "optim": FROM_STEP,
+    "optim.fused": APPLIED,
+    "sched": FROM_STEP,
+    "trainer": APPLIED,
+    "trainer.max_steps": FROM_STEP,
+    "trainer.seed": REFUSED,
+    "eval": APPLIED,
+    "logger": APPLIED,
+    "export": APPLIED,
+    WORLD_SIZE: REFUSED,
+}
+WHY = {
+    REFUSED: "changes the data order, the loss, the model or the batch, so the run would not continue the one "
+             "in the checkpoint",
+}
+_ABSENT = "<absent>"
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    old: Any
+    new: Any
+    kind: str
+
+    def describe(self, step: int) -> str:
+        tail = f" from step {step}" if self.kind == FROM_STEP else ""
+        return f"{self.key} {_fmt(self.old)} -> {_fmt(self.new)}{tail}"
+
+
+def _fmt(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def classify(key: str, old: Any, new: Any) -> str:
+    """The class of a change of ``key`` from ``old`` to ``new`` (see :data:`CHANGE_RULES`)."""
+    best = None
+    for prefix in CHANGE_RULES:
+        if key == prefix or key.startswith(prefix + ".") or key.startswith(prefix + "["):
+            if best is None or len(prefix) > len(best):
+                best = prefix
+    if best is None:
+        return REFUSED
+    rule = CHANGE_RULES[best]
+    return rule(old, new) if callable(rule) else rule
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> leaf values of a plain (resolved) config; list items holding mappings are keyed
+    ``name[i]``, lists of scalars are one value."""
+    out: dict[str, Any] = {}
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(node, list) and any(isinstance(v, (dict, list)) for v in node):
+        for i, v in enumerate(node):
+            out.update(flatten(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = node
+    return out
+
+
+def diff(saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int) -> list[Change]:
+    """Every difference between the checkpoint's resolved config and the current one (plus the world size)."""
+    a, b = flatten(saved), flatten(current)
+    changes = [Change(k, a.get(k, _ABSENT), b.get(k, _ABSENT), classify(k, a.get(k), b.get(k)))
+               for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+    if saved_world != world:
+        changes.append(Change(WORLD_SIZE, saved_world, world, classify(WORLD_SIZE, saved_world, world)))
+    return changes
+
+
+class ResumeRefused(RuntimeError):
+    """A resume whose config changes would not continue the checkpoint's run; the message names each key."""
+
+
+def check(changes: list[Change], *, policy: str, checkpoint: Path, step: int) -> None:
+    """Log every change by class; raise ResumeRefused for refused ones unless ``policy == "allow"``."""
+    for c in changes:
+        if c.kind == APPLIED:
+            log.info("resume: %s (applied)", c.describe(step))
+        elif c.kind == FROM_STEP:
+            log.info("resume: %s", c.describe(step))
+    refused = [c for c in changes if c.kind == REFUSED]
+    if not refused:
+        return
+    lines = "\n".join(f"  {c.describe(step)}" for c in refused)
+    if policy == "allow":
+        log.warning("trainer.resume_changes=allow: resuming %s (step %d) despite changes that %s; the run no "
+                    "longer continues the checkpoint's exactly (the data stream restarts at the start of its "
+                    "epoch where its settings changed):\n%s", checkpoint, step, WHY[REFUSED], lines)
+        return
+    fixes = []
+    if any(c.key == WORLD_SIZE for c in refused):
+        w = next(c.old for c in refused if c.key == WORLD_SIZE)
+        fixes.append(f"relaunch with {w} processes (each rank's data position and RNG are saved)")
+    raise ResumeRefused(
+        f"trainer.resume: the checkpoint {checkpoint} (step {step}) was trained with settings this launch changes; "
+        f"these changes {WHY[REFUSED]}:\n{lines}\nWays out: "
+        + "; ".join(fixes + [
+            "undo these overrides to continue exactly",
+            "add trainer.resume_changes=allow to continue anyway (each change is warned about)",
+            f"or start a new run from its weights: model.pretrained={checkpoint} trainer.resume=null "
+            "hydra.run.dir=NEW_DIR"]))
+
+
+def load_optimizer_keeping_settings(optimizer: torch.optim.Optimizer, scheduler: Any, opt_state: dict[str, Any],
+                                    sched_state: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """Load the optimizer and LambdaLR scheduler state (moments, step counts, schedule position) while the
+    current config's hyperparameters win: each group's base lr, weight decay, betas, eps... are the ones the
+    optimizer and scheduler were just built with, and the lr is recomputed at the restored position.
+
+    Unchanged settings give the stored values bit for bit (the same formula, ``base_lr * factor(step)``).
+    Returns ``(group name, stored lr, lr now)`` per group whose lr changed."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    base = list(scheduler.base_lrs)
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(sched_state)
+    names = [g.get("name") for g in optimizer.param_groups]
+    if names != [g.get("name") for g in fresh]:
+        raise ResumeRefused(f"the checkpoint's optimizer groups {names} differ from this model's "
+                            f"{[g.get('name') for g in fresh]} (a tower was locked or unlocked)")
+    step = scheduler.last_epoch
+    lrs = [b * fn(step) for b, fn in zip(base, scheduler.lr_lambdas)]
+    moved = []
+    for g, f, b, lr in zip(optimizer.param_groups, fresh, base, lrs):
+        if g["lr"] != lr:
+            moved.append((str(g.get("name")), float(g["lr"]), float(lr)))
+        g.update({k: v for k, v in f.items() if k not in ("lr", "initial_lr")}, initial_lr=b, lr=lr)
+    scheduler.base_lrs = base
+    scheduler._last_lr = lrs  # what get_last_lr() (the logged lr) reports until the next step
+    return moved
+
+
+# ------------------------------------------------------------------------------------------ config history
+
+def _history(hydra_dir: Path, stem: str) -> list[tuple[int, Path]]:
+    out = []
+    for p in hydra_dir.glob(f"{stem}.step_*.yaml"):
+        digits = p.name[len(stem) + len(".step_"):-len(".yaml")]
+        if digits.isdigit():
+            out.append((int(digits), p))
+    return sorted(out)
+
+
+def record_config(run_dir: Path, config_yaml: str, step: int) -> Path:
+    """Keep this launch's config (and Hydra's ``overrides.yaml``) as ``.hydra/config.step_<step>.yaml``:
+    Hydra rewrites ``.hydra/config.yaml`` on every launch, so without these the earlier configs are lost."""
+    from gcl.checkpoint import atomic_write_text
+
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    dst = hydra_dir / f"config.step_{step:09d}.yaml"
+    atomic_write_text(config_yaml, dst)
+    if (hydra_dir / "overrides.yaml").is_file():
+        shutil.copyfile(hydra_dir / "overrides.yaml", hydra_dir / f"overrides.step_{step:09d}.yaml")
+    return dst
+
+
+def restore_config(run_dir: Path, step: int, fallback_yaml: str) -> None:
+    """After a refused resume: put back the run's own config as ``.hydra/config.yaml`` (Hydra has already
+    written the refused launch's there): the newest history file at or before ``step``, else the
+    checkpoint's resolved config ``fallback_yaml``."""
+    from gcl.checkpoint import atomic_write_text
+
+    hydra_dir = run_dir / ".hydra"
+    if not hydra_dir.is_dir():
+        return
+    for stem in ("config", "overrides"):
+        kept = [p for s, p in _history(hydra_dir, stem) if s <= step]
+        if kept:
+            shutil.copyfile(kept[-1], hydra_dir / f"{stem}.yaml")
+        elif stem == "config":
+            atomic_write_text(fallback_yaml, hydra_dir / "config.yaml")

@@ -1,0 +1,195 @@
+"""Resume never ignores a change: each class of config change (applied, from step N, refused), damaged
+checkpoints, a second Ctrl-C during the stop-save, one metrics row per step, the config history.
+
+One tiny run is trained once per module (checkpoints at steps 2 and 4); each test resumes a copy of it.
+References: the learning-rate schedule written here from its formula, a reference run whose lr the test sets
+itself every step, the unchanged run's weights, files on disk.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FAST, compose, interrupt_writes
+
+from gcl.checkpoint import load_checkpoint, load_newest_intact
+from gcl.resume import APPLIED, FROM_STEP, REFUSED, WORLD_SIZE, ResumeRefused, check, classify, diff
+
+TRAINED = ["trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_last=3"]
+
+
+def _trainer(run: Path, cache: Path, *overrides: str):
+    from gcl.train import Trainer
+
+    return Trainer(compose("train", [*FAST, f"data.synthetic.cache_dir={cache}", *TRAINED, *overrides]), run)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, catalog_cache) -> Path:
+    run = tmp_path_factory.mktemp("trained") / "run"
+    _trainer(run, catalog_cache).fit()
+    return run
+
+
+def _copy(trained: Path, dst: Path, killed_after_step_4: bool = False) -> Path:
+    """A copy of the trained run; ``killed_after_step_4``: as if SIGKILLed after logging step 4 but before
+    saving it (newest checkpoint step 2, metrics rows for steps 1..4)."""
+    shutil.copytree(trained, dst)
+    if killed_after_step_4:
+        ck = dst / "checkpoints"
+        for p in ck.glob("step_000000004.pt*"):
+            p.unlink()
+        (ck / "latest.json").write_text(json.dumps({"file": "step_000000002.pt", "step": 2}))
+    return dst
+
+
+def _weights(t) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+
+
+def _cosine(step: int, total: int = 4) -> float:
+    """The cosine schedule without warmup and with min_lr_ratio 0, from its formula."""
+    return 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+# ------------------------------------------------------------------------------------------ the classes
+
+BASE = [*FAST, "data.synthetic.cache_dir=/cache"]
+
+
+# One override per case, all in one launch: each key changed must land in the class named here.
+CASES = {
+    "trainer.eval_every=5": APPLIED, "logger.wandb.mode=offline": APPLIED, "export.enabled=true": APPLIED,
+    "eval.batch_size=16": APPLIED, "model.grad_checkpointing=true": APPLIED,
+    "data.num_workers=1": APPLIED,  # 0 -> 1 worker: one logical worker either way, the same samples
+    "optim.lr=1e-6": FROM_STEP, "optim.lr_text=1e-5": FROM_STEP, "optim.weight_decay=0.01": FROM_STEP,
+    "sched.name=constant": FROM_STEP, "trainer.max_steps=50": FROM_STEP,
+    "data.batch_size=16": REFUSED, "trainer.seed=3": REFUSED, "data.synthetic.products=200": REFUSED,
+    "model.name=gcl-tiny-siglip": REFUSED, "loss.terms.0.weight=2.0": REFUSED, "loss.kind=siglip": REFUSED,
+}
+
+
+def test_each_change_falls_in_its_class():
+    from omegaconf import OmegaConf
+
+    saved, now = (OmegaConf.to_container(compose("train", o), resolve=True) for o in (BASE, [*BASE, *CASES]))
+    got = {c.key: c.kind for c in diff(saved, now, 1, 1)}
+    want = {o.split("=")[0].replace(".0.", "[0]."): kind for o, kind in CASES.items()}
+    assert got == want
+    # another worker count reads the samples in another order
+    assert classify("data.num_workers", 1, 2) == REFUSED and classify("data.num_workers", 0, 1) == APPLIED
+    assert classify("some_new_group.key", 1, 2) == REFUSED  # unknown keys are refused, never ignored
+
+
+def test_refusal_names_every_key_and_the_ways_out(caplog):
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.to_container(compose("train", BASE), resolve=True)
+    now = OmegaConf.to_container(compose("train", [*BASE, "data.batch_size=16", "optim.lr=1e-6"]), resolve=True)
+    changes = diff(saved, now, 2, 1)
+    assert {c.key: c.kind for c in changes} == {"data.batch_size": REFUSED, "optim.lr": FROM_STEP,
+                                                WORLD_SIZE: REFUSED}
+    with pytest.raises(ResumeRefused) as e:
+        check(changes, policy="refuse", checkpoint=Path("/r/checkpoints/step_000000002.pt"), step=2)
+    msg = str(e.value)
+    for part in ("data.batch_size 8 -> 16", "world size 2 -> 1", "relaunch with 2 processes",
+                 "trainer.resume_changes=allow", "model.pretrained=/r/checkpoints/step_000000002.pt"):
+        assert part in msg, part
+    assert "optim.lr" not in msg  # it is not refused: it takes effect
+    with caplog.at_level("INFO"):
+        check(changes, policy="allow", checkpoint=Path("/r/c.pt"), step=2)
+    assert "optim.lr 0.0005 -> 1e-06 from step 2" in caplog.text and "data.batch_size 8 -> 16" in caplog.text
+
+
+# -------------------------------------------------------------------------------------- through Trainer
+
+def test_changed_lr_takes_effect_from_step_n(trained, tmp_path, catalog_cache, caplog):
+    """optim.lr / weight_decay given on resume win over the optimizer/scheduler state: the lr after resume is
+    the new base lr on the schedule, and the weights equal a run whose lr the test sets itself each step."""
+    run = _copy(trained, tmp_path / "changed", killed_after_step_4=True)
+    with caplog.at_level("INFO"):
+        t = _trainer(run, catalog_cache, "trainer.resume=auto", "optim.lr=1e-6", "optim.weight_decay=0.05")
+    assert t.step == 2 and "optim.lr 0.0005 -> 1e-06 from step 2" in caplog.text
+    for g in t.optimizer.param_groups:
+        assert g["lr"] == pytest.approx(1e-6 * _cosine(2), rel=1e-12), g["name"]
+        assert g["weight_decay"] == (0.0 if g["name"].endswith("_no_decay") else 0.05), g["name"]
+    t.fit()
+    changed = _weights(t)
+
+    ref = _trainer(_copy(trained, tmp_path / "ref", killed_after_step_4=True), catalog_cache, "trainer.resume=auto")
+    groups = ref.optimizer.param_groups
+
+    def set_lr(step: int) -> None:
+        for g in groups:
+            g["lr"] = 1e-6 * _cosine(step)
+            g["weight_decay"] = 0.0 if g["name"].endswith("_no_decay") else 0.05
+
+    set_lr(2)
+    ref.scheduler.step = lambda: set_lr(ref.step + 1)  # called inside step ref.step, for the next one
+    ref.save = lambda: None  # (its scheduler now holds a lambda, which a checkpoint cannot store)
+    ref.fit()
+    unchanged = load_checkpoint(trained / "checkpoints" / "step_000000004.pt")["model"]
+    for k, v in changed.items():
+        torch.testing.assert_close(v, ref.model.state_dict()[k], rtol=0, atol=0, msg=k)
+    assert max((changed[k] - unchanged[k]).abs().max().item() for k in changed) > 1e-5
+
+    # one metrics row per step although steps 3 and 4 ran twice; both configs kept
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    hist = run / ".hydra"
+    assert "lr: 0.0005" in (hist / "config.step_000000000.yaml").read_text()
+    assert "lr: 1.0e-06" in (hist / "config.step_000000002.yaml").read_text()
+
+
+def test_refused_change_stops_and_keeps_the_runs_config_allow_continues(trained, tmp_path, catalog_cache, caplog):
+    run = _copy(trained, tmp_path / "run")
+    (run / ".hydra" / "config.yaml").write_text("what Hydra wrote for the refused launch\n")
+    with pytest.raises(ResumeRefused) as e:
+        _trainer(run, catalog_cache, "trainer.resume=auto", "data.batch_size=4")
+    assert "data.batch_size 8 -> 4" in str(e.value) and "trainer.resume_changes=allow" in str(e.value)
+    assert (run / ".hydra" / "config.yaml").read_text() == (run / ".hydra" / "config.step_000000000.yaml").read_text()
+    with caplog.at_level("WARNING"):
+        t = _trainer(run, catalog_cache, "trainer.resume=auto", "data.batch_size=4", "trainer.resume_changes=allow")
+    assert t.step == 4 and "data.batch_size 8 -> 4" in caplog.text and "epoch" in caplog.text
+
+
+def test_fresh_start_in_a_run_dir_with_checkpoints_is_refused(trained, tmp_path, catalog_cache):
+    run = _copy(trained, tmp_path / "run")
+    with pytest.raises(ResumeRefused, match="trainer.resume=auto"):
+        _trainer(run, catalog_cache)
+
+
+def test_resume_auto_skips_a_truncated_newest_checkpoint(trained, tmp_path, catalog_cache, caplog):
+    run = _copy(trained, tmp_path / "run")
+    newest = run / "checkpoints" / "step_000000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        t = _trainer(run, catalog_cache, "trainer.resume=auto")
+    assert t.step == 2 and str(newest) in caplog.text and "truncated" in caplog.text
+
+
+def test_second_ctrl_c_during_the_stop_save_keeps_the_steps(trained, tmp_path, catalog_cache, monkeypatch):
+    """Ctrl-C during step 5, Ctrl-C again while its checkpoint is written: the save completes, then the run
+    stops (interrupted), and resume would start at step 5."""
+    run = _copy(trained, tmp_path / "run")
+    t = _trainer(run, catalog_cache, "trainer.resume=auto", "trainer.max_steps=8")
+    real = t.train_step
+
+    def step_then_ctrl_c(batch):
+        out = real(batch)
+        os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    t.train_step = step_then_ctrl_c
+    interrupt_writes(monkeypatch, after_bytes=1_000_000, times=1)
+    t.fit()
+    assert t.interrupted == "SIGINT" and t.step == 5
+    path, state = load_newest_intact(run)  # verified against its manifest
+    assert state["step"] == 5 and path.name == "step_000000005.pt"
+    assert not list((run / "checkpoints").glob(".*tmp*"))
