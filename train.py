@@ -1,15 +1,19 @@
 """Fine-tune a CLIP/SigLIP model with the GCL multi-field loss: ``python train.py [overrides]``."""
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-import gcl.config  # noqa: F401  (registers the config schemas)
-from gcl.train import run
+import gcl.config  # registers the config schemas; check_cli
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    from gcl.train import run  # here, so a command-line mistake is reported before torch is imported
+
     return run(cfg)
 
 
 if __name__ == "__main__":
+    gcl.config.check_cli(sys.argv[1:])
     main()

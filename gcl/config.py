@@ -7,6 +7,8 @@ Defaults live in the YAML files under ``conf/``; the dataclass defaults here onl
 from __future__ import annotations
 
 import os
+import re
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +208,66 @@ def register() -> None:
 
 
 register()
+
+# ---------------------------------------------------------------------------------------------- command line
+
+_BRACES = re.compile(r"\{[^{}]*\}")
+
+
+def brace_hint(arg: str) -> str | None:
+    """One line with the working forms of an override whose brace pattern Hydra cannot parse (it reads
+    ``{...}`` as a dictionary), or None when ``arg`` parses or has no braces."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    if "{" not in arg or "=" not in arg or arg.startswith("-"):
+        return None
+    try:
+        OverridesParser.create().parse_overrides([arg])
+        return None
+    except OverrideParseException:
+        pass
+    key, value = arg.split("=", 1)
+    value = value.strip("[]'\"").split(",")[0]
+    folder = os.path.dirname(value) or "."
+    return (f"{arg}: Hydra reads {{...}} as a dictionary, so a brace pattern must be quoted. Use one of: "
+            f"\"{key}='{value}'\" (the pattern, quoted) | {key}={folder} (every .tar in the folder) | "
+            f"\"{key}='{_BRACES.sub('*', value)}'\" (a glob)")
+
+
+def _shell_expanded(key: str, values: list[str]) -> str:
+    """The one-line fix for a key the shell repeated by expanding an unquoted brace pattern."""
+    head = os.path.commonprefix(values)
+    tail = os.path.commonprefix([v[::-1] for v in values])[::-1]
+    while head and head[-1].isdigit():  # keep zero-padded numbers whole: {000000..000099}
+        head = head[:-1]
+    while tail and tail[0].isdigit():
+        tail = tail[1:]
+    first, last = values[0][len(head):len(values[0]) - len(tail)], values[-1][len(head):len(values[-1]) - len(tail)]
+    pattern = f"{head}{{{first}..{last}}}{tail}"
+    return (f"{key} is given {len(values)} times ({values[0]} ... {values[-1]}): the shell expanded an unquoted "
+            f"brace pattern, and Hydra would keep only the last value. Quote it: \"{key}='{pattern}'\", or give "
+            f"the folder: {key}={os.path.dirname(values[0]) or '.'}")
+
+
+def check_cli(argv: list[str]) -> None:
+    """Before Hydra parses the command line: a brace pattern that Hydra cannot parse (typed unquoted inside
+    a quoted word) or that the shell expanded into many words gets one clear line and exit code 2, instead
+    of Hydra's "mismatched input '{'" or a run silently trained on the last shard."""
+    given: dict[str, list[str]] = {}
+    for arg in argv:
+        hint = brace_hint(arg)
+        if hint is not None:
+            sys.stderr.write(f"error: {hint}\n")
+            raise SystemExit(2)
+        if "=" in arg and not arg.startswith("-"):
+            key, value = arg.split("=", 1)
+            given.setdefault(key.lstrip("+~"), []).append(value)
+    for key, values in given.items():
+        if len(values) > 1:
+            sys.stderr.write(f"error: {_shell_expanded(key, values)}\n")
+            raise SystemExit(2)
+
 
 # ---------------------------------------------------------------------------------------------- validate
 

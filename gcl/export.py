@@ -42,7 +42,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from gcl.checkpoint import BEST, find_checkpoint, load_checkpoint
+from gcl.checkpoint import BEST, find_checkpoint, load_newest_intact
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,10 @@ def load_training_checkpoint(path: str | os.PathLike, which: str = "latest") -> 
         if not (ck / BEST).is_file():
             raise ExportError(f"no best checkpoint recorded in {ck} (no {BEST}): it needs trainer.best_metric "
                               "and at least one in-loop evaluation; export --which latest instead")
-    ckpt_file = find_checkpoint(path, which=which)
-    state = load_checkpoint(ckpt_file)
+    found = load_newest_intact(path, which=which, purpose="export")  # damaged ones are named and skipped
+    if found is None:
+        find_checkpoint(path, which=which, purpose="export")  # raises FileNotFoundError with the advice
+    ckpt_file, state = found
     missing = [k for k in ("model", "model_info") if k not in state]
     if missing:
         raise ExportError(
@@ -498,6 +500,21 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _even_permissions(root: Path) -> None:
+    """Every file and folder of the export gets the mode a plain ``open``/``mkdir`` gives under the umask:
+    writers that go through a private temp file (safetensors) would leave 0600 on the weights alone."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def verify_export(folder: Path, src: ExportSource, tokenizer: Any) -> None:
     """Load ``folder`` the way users will (``local-dir:``) and check it reproduces ``src`` exactly.
 
@@ -667,6 +684,7 @@ def export_model(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, w
         (tmp / CARD_NAME).write_text(card)
         if verify:
             verify_export(tmp, src, tokenizer)
+        _even_permissions(tmp)
         _fsync_tree(tmp)
         _commit_dir(tmp, out)
     except BaseException:

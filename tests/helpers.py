@@ -13,6 +13,26 @@ FAST = [
 ]
 
 
+def code_blocks(text: str, lang: str) -> list[str]:
+    """The fenced code blocks of a markdown text in language ``lang``."""
+    import re
+
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def shell_commands(block: str) -> list[list[str]]:
+    """Commands of a shell block as argv lists (continuations joined, comments and `export` lines dropped)."""
+    import shlex
+
+    joined = block.replace("\\\n", " ")
+    cmds = []
+    for line in joined.splitlines():
+        argv = shlex.split(line, comments=True)
+        if argv and argv[0] != "export":
+            cmds.append(argv)
+    return cmds
+
+
 def compose(config_name: str = "train", overrides: list[str] | None = None, return_hydra_config: bool = False):
     """hydra.compose over the repo's conf/ (the real configs users run)."""
     from hydra import compose as hydra_compose

@@ -48,6 +48,15 @@ def test_wrong_type_names_the_key():
     (["model.text_packing=packed"], "model.text_packing"),
     (["loss.allow_absent_fields=[colour]"], "loss.allow_absent_fields"),  # not a field of the loss: a typo
     (["loss.allow_absent_fields=3"], "loss.allow_absent_fields"),
+    (["optim.lr_image=-1"], "optim.lr_image"),  # was accepted: gradient ascent on the image tower
+    (["optim.lr_text=-1e-5"], "optim.lr_text"),
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay"),
+    (["optim.betas=[0.9,1.0]"], "optim.betas"),
+    (["optim.eps=0"], "optim.eps"),
+    (["optim.grad_clip=-1"], "optim.grad_clip"),
+    (["sched.min_lr_ratio=1.5"], "sched.min_lr_ratio"),
+    (["trainer.resume_changes=maybe"], "trainer.resume_changes"),
 ])
 def test_inconsistent_combinations_fail_naming_the_key(overrides, key):
     cfg = compose("train", overrides)
@@ -112,6 +121,61 @@ def test_cli_inconsistent_loss_field_fails_fast(tmp_path):
                         f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "loss.terms[0].left.fields" in r.stderr and "colour" in r.stderr
+    # the run dir keeps the cause too (on a cluster, stderr is often lost)
+    assert "loss.terms[0].left.fields" in (tmp_path / "train.log").read_text()
+
+
+def test_best_metric_is_checked_against_the_suites_names_with_a_suggestion():
+    """Before any model is built: the name must be one the eval suite reports; the closest is suggested."""
+    cfg = compose("train", ["trainer.best_metric=synthetic/mean/recall@10", "trainer.eval_every=100"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    assert msg.startswith("trainer.best_metric:") and "did you mean synthetic/" in msg
+    assert msg.count("\n") == 0 and len(msg) < 400  # one line, not the 52 names
+    suggested = msg.split("did you mean ")[1].split(" or ")[0].rstrip("?")
+    validate(compose("train", [f"trainer.best_metric={suggested}", "trainer.eval_every=100"]))
+
+
+def test_metric_names_follow_the_suite_config():
+    """Names from the config alone, by the rules of the runner (tasks x metrics, the per-task means where all
+    parts exist, aggregates over the metrics their tasks share): checked here by hand on the synthetic suite;
+    tests/test_readme.py checks them against a real evaluation."""
+    from gcl.eval.tasks import metric_names
+
+    names = metric_names(compose("train").eval)
+    assert len(names) == len(set(names))
+    assert "synthetic/text2image_title/recall@10" in names and "synthetic/text2image_title/avg_recall" in names
+    assert "synthetic/zeroshot_subcategory/f1_weighted" in names
+    assert "synthetic/zeroshot_subcategory/avg_recall" not in names  # its metrics lack the parts
+    assert "synthetic/avg/text2image/recall@10" in names and "synthetic/avg/retrieval/ndcg@10" in names
+    assert not any(n.startswith("synthetic/avg/retrieval/recall") for n in names)  # not listed there
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["data.train_shards=/data/shard-{000000..000099}.tar"],
+     ["\"data.train_shards='/data/shard-{000000..000099}.tar'\"", "data.train_shards=/data ",
+      "\"data.train_shards='/data/shard-*.tar'\""]),
+    ([f"data.train_shards=/data/shard-{i:06d}.tar" for i in range(100)],  # what bash makes of it unquoted
+     ["given 100 times", "\"data.train_shards='/data/shard-{000000..000099}.tar'\"", "data.train_shards=/data"]),
+])
+def test_unquoted_brace_pattern_gets_one_line_with_the_working_forms(argv, shown, capsys):
+    from gcl.config import check_cli
+
+    with pytest.raises(SystemExit) as e:
+        check_cli(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    for s in shown:
+        assert s in err, s
+    check_cli(["\"data.train_shards='/d/s-{0..9}.tar'\"".strip('"'), "data.train_shards_x=/d", "-m"])  # fine
+
+
+def test_cli_unquoted_shards_fail_before_hydra(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "data.train_shards=/data/shard-{000000..000099}.tar",
+                        f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "mismatched input" not in r.stderr
+    assert r.stderr.startswith("error: data.train_shards=") and "'/data/shard-{000000..000099}.tar'" in r.stderr
 
 
 def test_default_run_dir_is_rank0s_and_other_ranks_write_elsewhere(monkeypatch):

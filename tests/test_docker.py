@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import code_blocks, shell_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -30,21 +31,6 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 
 # ----------------------------------------------------------------------------------------------- parsing
-def code_blocks(text: str, lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
-
-
-def shell_commands(block: str) -> list[list[str]]:
-    """Commands of a bash block as argv lists (continuations joined, comments and `export` lines dropped)."""
-    joined = block.replace("\\\n", " ")
-    cmds = []
-    for line in joined.splitlines():
-        argv = shlex.split(line, comments=True)
-        if argv and argv[0] != "export":
-            cmds.append(argv)
-    return cmds
-
-
 VALUE_FLAGS = {"-v", "--volume", "-e", "--env", "--gpus", "--network", "--shm-size", "--user", "-u", "--name",
                "-w", "--workdir", "--ipc"}
 BOOL_FLAGS = {"--rm", "-it", "-i", "-t", "-d"}

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import stat
 
 import numpy as np
 import open_clip
@@ -135,6 +137,12 @@ def test_export_reproduces_trained_model(family, request, tmp_path):
     run = _run_dir(tmp_path, bundle)
     out = export_model(run, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == sorted([CARD_NAME, CONFIG_NAME, WEIGHTS_NAME])
+    # every file readable like any file the user creates (the weights were 0600 while the rest was 0644)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        n: 0o666 & ~mask for n in (CARD_NAME, CONFIG_NAME, WEIGHTS_NAME)}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
     cfg = json.loads((out / CONFIG_NAME).read_text())
     assert set(cfg) == {"model_cfg", "preprocess_cfg"}
     # open_clip's built-in BPE is selected by the *absence* of an HF tokenizer name.
@@ -245,6 +253,13 @@ def test_failed_export_leaves_no_folder(clip_bundle, tmp_path):
     with pytest.raises(ExportError, match="does not load"):
         export_model(run, tmp_path / "exports" / "model")
     assert list((tmp_path / "exports").iterdir()) == []  # neither the folder nor a temp dir
+
+
+def test_run_without_a_checkpoint_gets_export_advice(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as e:
+        export_model(tmp_path / "run", tmp_path / "out")
+    assert "resum" not in str(e.value) and "trainer.save_every" in str(e.value)
 
 
 def test_not_a_checkpoint_fails_clearly(tmp_path):

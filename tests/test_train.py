@@ -15,6 +15,7 @@ import torch
 from helpers import FAST, ROOT, compose
 
 from gcl.checkpoint import find_checkpoint, load_checkpoint
+from gcl.launch import INTERRUPTED_EXIT
 
 
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -143,10 +144,14 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path, catalog_cache):
     assert diff <= 1e-6, diff
     # and the run did move: the weights differ from the initial ones
     assert load_checkpoint(find_checkpoint(ref))["step"] == 9
+    # the steps logged after the checkpoint and before the kill are not in metrics.jsonl twice
+    assert [r["step"] for r in _metrics(run)] == [r["step"] for r in _metrics(ref)] == list(range(1, 10))
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_cleanly(tmp_path, catalog_cache):
+def test_sigterm_saves_and_exits_with_the_interrupted_code(tmp_path, catalog_cache):
+    """SIGTERM: checkpoint saved, then exit 75 (INTERRUPTED_EXIT), so a scheduler or sweep does not count the
+    run as finished; a finished run exits 0 (every other CLI test here)."""
     run = tmp_path / "term"
     cmd = [sys.executable, "train.py", *FAST, f"data.synthetic.cache_dir={catalog_cache}", f"hydra.run.dir={run}",
            "trainer.max_steps=100000"]
@@ -158,9 +163,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, catalog_cache):
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == INTERRUPTED_EXIT == 75, err[-3000:]
     step = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
     assert step >= 2
+    assert "exit code 75" in (run / "train.log").read_text()
 
 
 @pytest.mark.slow

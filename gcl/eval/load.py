@@ -1,7 +1,8 @@
 """The model to evaluate: :func:`load_model_for_eval` turns ``evaluate.py``'s ``model`` node into a bundle.
 
 Lives here: choosing between a run dir / checkpoint file / exported open_clip folder (``model.checkpoint``)
-and ``model.name`` + ``model.pretrained``, and rebuilding a checkpoint's architecture and eval transform.
+and ``model.name`` + ``model.pretrained``, rebuilding a checkpoint's architecture and eval transform, and
+:func:`adopt_run_config` (a run is evaluated with its own eval suite and data unless ``eval=`` says otherwise).
 Not here: building models and resolving weights (``gcl.model``), reading training checkpoints
 (``gcl.export.load_training_checkpoint``), evaluation itself (``gcl.eval.run``).
 """
@@ -71,3 +72,42 @@ def load_model_for_eval(model_cfg: Any, *, device: torch.device | str = "cpu", w
     log.info("loaded %s (step %s) from %s", src.name, src.step, src.checkpoint_file)
     return bundle
 
+
+def run_config_file(checkpoint: str | None) -> Path | None:
+    """The config file a training run was launched with (``RUN/.hydra/config.yaml``), when ``checkpoint`` is
+    a run dir, its ``checkpoints/`` or a checkpoint file inside one; else None."""
+    if not checkpoint:
+        return None
+    p = Path(os.path.expanduser(str(checkpoint)))
+    run_dir = p.parent.parent if p.is_file() and p.parent.name == "checkpoints" else p
+    if p.name == "checkpoints" and p.is_dir():
+        run_dir = p.parent
+    path = run_dir / ".hydra" / "config.yaml"
+    return path if path.is_file() else None
+
+
+def adopt_run_config(cfg: Any, overrides: list[str]) -> Any:
+    """``python evaluate.py model.checkpoint=RUN`` without ``eval=``: evaluate with the run's own ``eval``
+    suite (and its ``data``, where the suite's splits live) instead of the default synthetic one; the
+    command line's ``eval.*`` / ``data.*`` overrides still apply on top. ``eval=NAME`` (or ``data=NAME``)
+    keeps that group as composed. Returns the (possibly) updated cfg."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    path = run_config_file(cfg.model.checkpoint)
+    if path is None:
+        return cfg
+    saved = OmegaConf.load(path)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    cfg = cfg.copy()
+    for group in ("eval", "data"):
+        if group not in saved or any(o.key_or_group == group for o in parsed):
+            continue
+        schema = OmegaConf.structured(OmegaConf.get_type(cfg, group))  # the run's node alone, typed
+        setattr(cfg, group, OmegaConf.merge(schema, OmegaConf.to_container(saved[group], resolve=True)))
+        for o in parsed:
+            if o.key_or_group.startswith(group + ".") and not o.is_delete():
+                OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+    log.info("evaluating with the run's own eval suite %r (from %s); pass eval=NAME for another", cfg.eval.name,
+             path)
+    return cfg

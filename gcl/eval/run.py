@@ -46,7 +46,7 @@ from gcl.eval import queries as Q
 from gcl.eval import tasks as T
 from gcl.eval import trec
 from gcl.eval.embed import Embedder
-from gcl.eval.load import load_model_for_eval
+from gcl.eval.load import adopt_run_config, load_model_for_eval
 from gcl.eval.report import GalleryRow, markdown_report, save_gallery
 from gcl.eval.sources import ShardDocs, SourceNeeds, TableDocs, source_needs
 from gcl.eval.zeroshot import class_embeddings, evaluate_zeroshot
@@ -138,10 +138,13 @@ class Evaluator:
         if t.split:
             urls = self.splits.get(t.split)
             if not urls:
-                raise T.MissingDataError(
-                    f"task {t.name!r} reads split {t.split!r}, but the data config gives no shards for it "
-                    f"(splits: {sorted(k for k, v in self.splits.items() if v)}); set data.{t.split}_shards or "
-                    "use the synthetic catalog (data.train_shards=null)")
+                have = sorted(k for k, v in self.splits.items() if v)
+                fix = (f"set data.{t.split}_shards=PATTERN" if t.split in ("val", "test") else
+                       f"{t.split!r} is a split of the synthetic catalog only (data.train_shards=null); with your "
+                       "data, give the task its shards (eval.tasks[i].shards=PATTERN) or use split val/test with "
+                       "data.val_shards/data.test_shards")
+                raise T.MissingDataError(f"task {t.name!r} reads split {t.split!r}, but the data config gives no "
+                                         f"shards for it (splits: {have}); {fix}")
             urls = [urls] if isinstance(urls, str) else list(urls)
             return T.SourceSpec("shards", tuple(urls), max_docs=t.max_docs)
         if t.shards:
@@ -504,8 +507,10 @@ def run(cfg: Any) -> dict[str, float]:
 
     try:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        overrides = list(HydraConfig.get().overrides.task)
     except ValueError:
-        run_dir = Path.cwd()
+        run_dir, overrides = Path.cwd(), []
+    cfg = adopt_run_config(cfg, overrides)
     out = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval"
     T.validate_tasks(cfg.eval)  # fail on a bad suite before spending time on the model
     dev = cfg.device

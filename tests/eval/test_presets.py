@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from gcl.eval import trec
 from gcl.eval.compare import compare
 from gcl.eval.run import Evaluator, evaluate_model, load_model_for_eval
 from gcl.eval.schema import EvalConfig
-from gcl.eval.tasks import MissingDataError
+from gcl.eval.tasks import MissingDataError, metric_names
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("gcl_eval_test_fixtures", Path(__file__).with_name("fixtures.py"))
@@ -45,6 +46,8 @@ def bundle():
 
 def check_outputs(out: Path, metrics: dict[str, float], cfg, stem: str = "metrics") -> dict:
     assert metrics, "no metrics"
+    # what trainer.best_metric is checked against before training: the names this evaluation reports
+    assert sorted(metrics) == sorted(metric_names(cfg))
     for k, v in metrics.items():
         assert k.startswith(f"{cfg.name}/")
         assert 0.0 <= v <= 1.0 + 1e-9, (k, v)
@@ -181,6 +184,15 @@ def test_presets_fail_clearly_without_data(tmp_path, bundle):
     shutil.rmtree(tmp_path / "fashion" / "marqo-FashionCLIP")
     with pytest.raises(MissingDataError, match="qrels_file.*ground_truth_text-image.json.*marqo-FashionCLIP"):
         evaluate_model(bundle, preset("marqo_fashion", data_root=str(tmp_path / "fashion")))
+    # a synthetic-only split with the user's shards: the advice names keys that exist (no data.test_heldout_shards)
+    from gcl.config import DataConfig
+
+    heldout = next(t for t in preset("synthetic").tasks if t.split == "test_heldout")
+    with pytest.raises(MissingDataError) as e:
+        Evaluator(preset("synthetic"), splits={"train": "x.tar", "val": "v.tar"}).source_spec(heldout)
+    named = set(re.findall(r"data\.(\w+)", str(e.value)))
+    assert named and named <= set(DataConfig.__dataclass_fields__), named
+    assert "eval.tasks[i].shards" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------ evaluate.py + loading
