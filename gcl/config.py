@@ -250,23 +250,38 @@ def _shell_expanded(key: str, values: list[str]) -> str:
             f"the folder: {key}={os.path.dirname(values[0]) or '.'}")
 
 
+def _expanded_run(argv: list[str], start: int) -> list[str]:
+    """The values of the adjacent ``key=value`` words from ``start`` on that a shell's brace expansion makes of
+    one pattern: the same key, values that differ only in one run of digits. Fewer than 2: not one."""
+    key = argv[start].split("=", 1)[0]
+    values = []
+    for arg in argv[start:]:
+        k, sep, v = arg.partition("=")
+        if not sep or k != key:
+            break
+        values.append(v)
+    if len(values) < 2:
+        return []
+    head = os.path.commonprefix(values)
+    tail = os.path.commonprefix([v[::-1] for v in values])[::-1]
+    middles = [v[len(head):len(v) - len(tail)] for v in values]
+    return values if all(m.isdigit() for m in middles) else []
+
+
 def check_cli(argv: list[str]) -> None:
     """Before Hydra parses the command line: a brace pattern that Hydra cannot parse (typed unquoted inside
     a quoted word) or that the shell expanded into many words gets one clear line and exit code 2, instead
-    of Hydra's "mismatched input '{'" or a run silently trained on the last shard."""
-    given: dict[str, list[str]] = {}
-    for arg in argv:
+    of Hydra's "mismatched input '{'" or a run silently trained on the last shard only."""
+    for i, arg in enumerate(argv):
         hint = brace_hint(arg)
         if hint is not None:
             sys.stderr.write(f"error: {hint}\n")
             raise SystemExit(2)
-        if "=" in arg and not arg.startswith("-"):
-            key, value = arg.split("=", 1)
-            given.setdefault(key.lstrip("+~"), []).append(value)
-    for key, values in given.items():
-        if len(values) > 1:
-            sys.stderr.write(f"error: {_shell_expanded(key, values)}\n")
-            raise SystemExit(2)
+        if "=" in arg and not arg.startswith("-") and (i == 0 or argv[i - 1].split("=", 1)[0] != arg.split("=", 1)[0]):
+            values = _expanded_run(argv, i)
+            if values:
+                sys.stderr.write(f"error: {_shell_expanded(arg.split('=', 1)[0], values)}\n")
+                raise SystemExit(2)
 
 
 # ---------------------------------------------------------------------------------------------- validate

@@ -35,14 +35,16 @@ class RunLogger:
 
     ``metrics.jsonl`` gets one JSON object per call to :meth:`log_metrics` (appended and flushed, so a killed
     run keeps what it logged). wandb is initialised lazily with ``mode`` in offline/online/disabled; its
-    files land in ``<run_dir>/wandb``. The API key is read by wandb itself from the environment or the
+    files land in ``<run_dir>/wandb``; ``wandb_id`` (kept in the checkpoints) makes every launch of a resumed
+    run continue one wandb run, which keeps one value per step. The API key is read by wandb itself from the environment or the
     user's login and is never logged here.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, is_main: bool, total_steps: int, start_step: int = 0,
                  progress: bool = True, wandb_mode: str = "offline", wandb_project: str = "gcl",
                  wandb_entity: str | None = None, wandb_name: str | None = None,
-                 wandb_tags: list[str] | None = None, config: dict[str, Any] | None = None) -> None:
+                 wandb_tags: list[str] | None = None, wandb_id: str | None = None,
+                 config: dict[str, Any] | None = None) -> None:
         if wandb_mode not in WANDB_MODES:
             raise ValueError(f"logger.wandb.mode={wandb_mode!r} is not one of {WANDB_MODES}")
         self.is_main = is_main
@@ -59,9 +61,9 @@ class RunLogger:
                              dynamic_ncols=True, smoothing=0.1)
         if wandb_mode != "disabled":
             self._wandb = self._init_wandb(wandb_mode, wandb_project, wandb_entity, wandb_name, wandb_tags,
-                                           config)
+                                           wandb_id, config)
 
-    def _init_wandb(self, mode, project, entity, name, tags, config):
+    def _init_wandb(self, mode, project, entity, name, tags, run_id, config):
         try:
             import wandb
         except ImportError as e:  # pragma: no cover - wandb is a runtime dependency
@@ -69,7 +71,7 @@ class RunLogger:
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
             return wandb.init(project=project, entity=entity, name=name, tags=tags, config=config, mode=mode,
-                              dir=str(self.run_dir), resume="allow")
+                              dir=str(self.run_dir), id=run_id, resume="allow")
         except Exception as e:  # noqa: BLE001 - report and continue: logging must not kill a training run
             log.warning("wandb.init failed (%s: %s); continuing without wandb. Use logger.wandb.mode=offline "
                         "without network, or disabled.", type(e).__name__, e)

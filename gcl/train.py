@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ class Trainer:
         self.stop: StopSignal | None = None  # set while fit() runs
         self.interrupted: str | None = None  # the signal that stopped fit() after its checkpoint was saved
         self.resumed_from: int | None = None
+        self.wandb_id = uuid.uuid4().hex[:8]  # one wandb run across resumes (kept in the checkpoint)
         self._saved_step: int | None = None  # the step of the newest checkpoint written or loaded
         self._resume()
 
@@ -294,6 +296,7 @@ class Trainer:
             "counters": {"nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak},
             "best": self.best,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            "wandb_id": self.wandb_id,
         }
 
     def _resume(self) -> None:
@@ -340,6 +343,7 @@ class Trainer:
             self._resume_rng = mine["rng"]
         self.resumed_from = step
         self._saved_step = step
+        self.wandb_id = state.get("wandb_id") or self.wandb_id
         self._record_launch()
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -533,7 +537,7 @@ class Trainer:
             self.run_dir, is_main=self.is_main, total_steps=t.max_steps, start_step=self.step,
             progress=cfg.logger.progress, wandb_mode=cfg.logger.wandb.mode, wandb_project=cfg.logger.wandb.project,
             wandb_entity=cfg.logger.wandb.entity, wandb_name=cfg.logger.wandb.name,
-            wandb_tags=list(cfg.logger.wandb.tags),
+            wandb_tags=list(cfg.logger.wandb.tags), wandb_id=self.wandb_id,
             config=OmegaConf.to_container(cfg, resolve=True) if self.is_main else None)
         self.stop = stop = StopSignal()
         last_loss: float | None = None

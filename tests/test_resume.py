@@ -33,7 +33,7 @@ def _trainer(run: Path, cache: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, catalog_cache) -> Path:
     run = tmp_path_factory.mktemp("trained") / "run"
-    _trainer(run, catalog_cache).fit()
+    _trainer(run, catalog_cache, "logger.wandb.mode=offline").fit()
     return run
 
 
@@ -114,7 +114,8 @@ def test_changed_lr_takes_effect_from_step_n(trained, tmp_path, catalog_cache, c
     the new base lr on the schedule, and the weights equal a run whose lr the test sets itself each step."""
     run = _copy(trained, tmp_path / "changed", killed_after_step_4=True)
     with caplog.at_level("INFO"):
-        t = _trainer(run, catalog_cache, "trainer.resume=auto", "optim.lr=1e-6", "optim.weight_decay=0.05")
+        t = _trainer(run, catalog_cache, "trainer.resume=auto", "optim.lr=1e-6", "optim.weight_decay=0.05",
+                     "logger.wandb.mode=offline")
     assert t.step == 2 and "optim.lr 0.0005 -> 1e-06 from step 2" in caplog.text
     for g in t.optimizer.param_groups:
         assert g["lr"] == pytest.approx(1e-6 * _cosine(2), rel=1e-12), g["name"]
@@ -139,9 +140,12 @@ def test_changed_lr_takes_effect_from_step_n(trained, tmp_path, catalog_cache, c
         torch.testing.assert_close(v, ref.model.state_dict()[k], rtol=0, atol=0, msg=k)
     assert max((changed[k] - unchanged[k]).abs().max().item() for k in changed) > 1e-5
 
-    # one metrics row per step although steps 3 and 4 ran twice; both configs kept
+    # one metrics row per step although steps 3 and 4 ran twice, one wandb run across both launches; both
+    # configs kept
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    launches = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(launches) == 2 and len({n.rsplit("-", 1)[1] for n in launches}) == 1, launches
     hist = run / ".hydra"
     assert "lr: 0.0005" in (hist / "config.step_000000000.yaml").read_text()
     assert "lr: 1.0e-06" in (hist / "config.step_000000002.yaml").read_text()
