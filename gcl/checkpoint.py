@@ -131,7 +131,7 @@ def _write_atomic(path: Path, write: Callable[[_HashingWriter], None], needed: i
                 f"no space left on device writing {path}: it needs about {_mb(needed)} and {_mb(free)} were free "
                 f"on that filesystem when the write started (the partial file was removed; earlier checkpoints "
                 f"are intact). Free space there (or lower trainer.keep_last), then resume with "
-                f"trainer.resume=auto", str(path)) from e
+                f"trainer.resume=auto", str(path)) from cause
         if isinstance(cause, OSError) and cause is not e:
             raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}", str(path)) from e
         if cause is not e:
@@ -366,7 +366,7 @@ def load_newest_intact(path: str | os.PathLike, which: str = "latest", map_locat
             if Path(path).is_file():
                 raise CheckpointError(f"{e}. Pass another checkpoint file, or the run dir (then the newest "
                                       "intact checkpoint is used)") from e
-            log.warning("skipping %s; falling back to the next newest checkpoint", e)
+            log.warning("%s; skipping it, falling back to the next newest checkpoint", e)
             damaged.append(str(e))
             continue
         if damaged:

@@ -68,10 +68,10 @@ CHANGE_RULES: dict[str, Rule] = {
     WORLD_SIZE: REFUSED,
 }
 WHY = {
-    REFUSED: "changes the data order, the loss, the model or the batch, so the run would not continue the one "
-             "in the checkpoint",
+    REFUSED: "change the data, the loss, the model, the batch or the processes, so the run would not continue "
+             "the checkpoint's",
 }
-_ABSENT = "<absent>"
+_ABSENT = "<absent>"  # a key (or list item) only one side has
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ class Change:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, dict) and "name" in v:  # a loss term or eval task: its name says which
+        return f"{{name: {v['name']}, ...}}"
     return v if isinstance(v, str) else json.dumps(v)
 
 
@@ -103,26 +105,22 @@ def classify(key: str, old: Any, new: Any) -> str:
     return rule(old, new) if callable(rule) else rule
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys -> leaf values of a plain (resolved) config; list items holding mappings are keyed
-    ``name[i]``, lists of scalars are one value."""
-    out: dict[str, Any] = {}
-    if isinstance(node, dict):
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(node, list) and any(isinstance(v, (dict, list)) for v in node):
-        for i, v in enumerate(node):
-            out.update(flatten(v, f"{prefix}[{i}]"))
-    else:
-        out[prefix] = node
-    return out
+def _walk(a: Any, b: Any, key: str, out: list[Change]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            _walk(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{key}.{k}" if key else str(k), out)
+    elif isinstance(a, list) and isinstance(b, list) and any(isinstance(v, dict) for v in a + b):
+        for i in range(max(len(a), len(b))):  # list items holding mappings (loss terms, eval tasks) one by one
+            _walk(a[i] if i < len(a) else _ABSENT, b[i] if i < len(b) else _ABSENT, f"{key}[{i}]", out)
+    elif a != b:
+        out.append(Change(key, a, b, classify(key, a, b)))
 
 
 def diff(saved: dict[str, Any], current: dict[str, Any], saved_world: int, world: int) -> list[Change]:
-    """Every difference between the checkpoint's resolved config and the current one (plus the world size)."""
-    a, b = flatten(saved), flatten(current)
-    changes = [Change(k, a.get(k, _ABSENT), b.get(k, _ABSENT), classify(k, a.get(k), b.get(k)))
-               for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+    """Every difference between the checkpoint's resolved config and the current one (plus the world size),
+    keyed like ``loss.terms[0].weight``; an item only one side has is one change (``loss.terms[3]``)."""
+    changes: list[Change] = []
+    _walk(saved, current, "", changes)
     if saved_world != world:
         changes.append(Change(WORLD_SIZE, saved_world, world, classify(WORLD_SIZE, saved_world, world)))
     return changes
