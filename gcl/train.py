@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -348,67 +348,67 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def _checkpoint_to_resume(self) -> tuple[Path, dict[str, Any]] | None:
-        """``(file, state)`` to resume from, or None to start at step 0. Rank 0 picks the newest intact
-        checkpoint (damaged ones are named and skipped); every rank then loads that file."""
+        """``(file, state)`` to resume from, or None to start at step 0. Rank 0 decides (the newest intact
+        checkpoint; damaged ones are named and skipped) and every rank then loads that file; a refusal or an
+        error on rank 0 is raised on every rank."""
         r = self.cfg.trainer.resume
-        if r is None:
-            if self.is_main and step_files(self.run_dir / "checkpoints"):
-                raise resume.ResumeRefused(
-                    f"trainer.resume=null, but {self.run_dir} already holds checkpoints of a run (newest "
-                    f"{step_files(self.run_dir / 'checkpoints')[-1].name}): continue it with trainer.resume=auto, "
-                    "or train from scratch in another hydra.run.dir")
-            return None
+        picked: list[tuple[Path, dict[str, Any]] | None] = [None]
 
         def pick() -> str | None:
             if not self.is_main:
                 return None
+            if r is None:
+                if step_files(self.ckpt.dir):
+                    raise resume.ResumeRefused(
+                        f"trainer.resume=null, but {self.run_dir} already holds checkpoints of a run (newest "
+                        f"{step_files(self.ckpt.dir)[-1].name}): continue it with trainer.resume=auto, or train "
+                        "from scratch in another hydra.run.dir")
+                return None
             if r == "auto":
                 self.ckpt.remove_partial_files()
-                found = load_newest_intact(self.run_dir, map_location="cpu")
-                if found is None and fetch_for_resume(r, self.run_dir, self.cfg.trainer.remote_sync) is not None:
-                    found = load_newest_intact(self.run_dir, map_location="cpu")  # the mirror's, downloaded
-                if found is None:
+                picked[0] = load_newest_intact(self.run_dir, map_location="cpu")
+                if picked[0] is None and fetch_for_resume(r, self.run_dir, self.cfg.trainer.remote_sync) is not None:
+                    picked[0] = load_newest_intact(self.run_dir, map_location="cpu")  # the mirror's, downloaded
+                if picked[0] is None:
                     log.info("trainer.resume=auto: no checkpoint in %s yet, starting from step 0", self.run_dir)
             else:
                 local = fetch_for_resume(r, self.run_dir, self.cfg.trainer.remote_sync) or r
-                found = load_newest_intact(local, map_location="cpu")
-                if found is None:
+                picked[0] = load_newest_intact(local, map_location="cpu")
+                if picked[0] is None:
                     find_checkpoint(local)  # raises FileNotFoundError with the advice
-            self._picked = found
-            return None if found is None else str(found[0])
+            return None if picked[0] is None else str(picked[0][0])
 
         chosen = gather_checked(pick, self.world_size, self.rank, what="finding the checkpoint to resume")[0]
-        if chosen is None:
-            return None
-        if self.is_main:
-            return self._picked
+        if chosen is None or self.is_main:
+            return picked[0]
         return Path(chosen), load_checkpoint(chosen, map_location="cpu", verify=False)
 
     def _record_launch(self) -> None:
+        """Rank 0: drop the metrics rows this launch logs again, and keep its config in the history."""
         if self.is_main:
-            if self.resumed_from is not None:
-                cut_metrics(self.run_dir / "metrics.jsonl", self.step)
-            elif self.cfg.trainer.resume == "auto":
-                cut_metrics(self.run_dir / "metrics.jsonl", 0)  # a start that crashed before its first save
+            cut_metrics(self.run_dir / "metrics.jsonl", self.step)
             resume.record_config(self.run_dir, OmegaConf.to_yaml(self.cfg), self.step)
 
-    def save(self) -> None:
-        """Save a checkpoint of this step (once per step) on rank 0; every rank waits for it and raises if the
-        save failed (a full disk, say), so no rank goes on alone. A second Ctrl-C does not abort it."""
-        if self._saved_step == self.step:
-            return
-        guard = self.stop.protect() if self.stop is not None else contextlib.nullcontext()
-        with guard:
-            state = self.state_dict()  # collective: every rank takes part
+    def _write_state(self, write: Callable[[dict[str, Any]], Path], what: str) -> None:
+        """Gather the state (every rank takes part) and let rank 0 ``write`` it; every rank waits and raises if
+        the write failed (a full disk, say), so no rank goes on alone. A second Ctrl-C does not abort it."""
+        with self.stop.protect() if self.stop is not None else contextlib.nullcontext():
+            state = self.state_dict()
 
-            def write() -> None:
+            def work() -> None:
                 if self.is_main:
-                    path = self.ckpt.save(state, self.step)
+                    path = write(state)
                     if self.remote is not None:
                         self.remote.push_checkpoint(path)
 
-            gather_checked(write, self.world_size, self.rank, what=f"saving the checkpoint of step {self.step}")
-        self._saved_step = self.step
+            gather_checked(work, self.world_size, self.rank, what=what)
+
+    def save(self) -> None:
+        """Save the checkpoint of this step (once per step)."""
+        if self._saved_step != self.step:
+            self._write_state(lambda state: self.ckpt.save(state, self.step),
+                              f"saving the checkpoint of step {self.step}")
+            self._saved_step = self.step
 
     # -------------------------------------------------------------------------------------------- step
     def _meta(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -515,17 +515,8 @@ class Trainer:
         better = self.best is None or (v > self.best if self.cfg.trainer.best_mode == "max" else v < self.best)
         if better:
             self.best = v
-            guard = self.stop.protect() if self.stop is not None else contextlib.nullcontext()
-            with guard:
-                state = self.state_dict()
-
-                def write() -> None:
-                    if self.is_main:
-                        path = self.ckpt.save_best(state, self.step, name, v)
-                        if self.remote is not None:
-                            self.remote.push_checkpoint(path)
-
-                gather_checked(write, self.world_size, self.rank, what=f"saving the best checkpoint (step {self.step})")
+            self._write_state(lambda state: self.ckpt.save_best(state, self.step, name, v),
+                              f"saving the best checkpoint (step {self.step})")
 
     # -------------------------------------------------------------------------------------------- loop
     def fit(self) -> float | None:
