@@ -34,7 +34,7 @@ logger = logging.getLogger("gcl.data.stream")
 Batch = dict[str, Any]
 SKIP_REASONS: tuple[str, ...] = (
     "missing_json", "bad_json", "bad_field", "missing_image", "corrupt_image", "transform_error",
-    "shard_error",
+    "shard_error", "truncated_shard",  # the last two count shards (reads of one), the others samples
 )
 LIST_RULES: tuple[str, ...] = ("join", "sample")
 

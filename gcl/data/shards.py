@@ -2,9 +2,10 @@
 reading one shard's raw samples.
 
 Lives here: ``ShardWriter`` (used by the synthetic catalog and ``prepare``), ``expand_urls`` (brace patterns,
-'::' lists, local folders and globs, ``pipe:`` and object-store URLs -> the list of shard URLs), ``shard_sizes``
-(sample counts from ``sizes.json``, or counted from local tar headers), ``_open_url`` and ``_iter_shard`` (a
-shard's raw ``{"__key__", "__url__", ext: bytes}`` samples, damaged parts skipped and reported).
+'::' lists, local folders and globs, ``pipe:`` and object-store URLs -> the list of shard URLs; a pattern
+that matches nothing says what it found), ``is_empty_shard``, ``shard_sizes`` (sample counts from
+``sizes.json``, or counted from local tar headers), ``_open_url`` and ``_iter_shard`` (a shard's raw
+``{"__key__", "__url__", ext: bytes}`` samples, damaged parts skipped and reported, a truncated shard named).
 
 Not here: decoding samples and making batches (``gcl.data.batch``), the training stream and the eval loader
 (``gcl.data.stream``, ``gcl.data.eval_loader``), the sample schema (``gcl.data.schema``).
@@ -154,6 +155,26 @@ def _is_object_store(url: str) -> bool:
     return storage.is_remote(url) and urlparse(url).scheme not in ("http", "https")
 
 
+def _no_shards_here(pattern: str, path: str) -> FileNotFoundError:
+    """What a local pattern that matches no shard file actually found, and which path to give instead."""
+    if not os.path.isdir(path):
+        return FileNotFoundError(
+            f"shard pattern {pattern!r} matches nothing ({path!r} does not exist); check the path/brace range, "
+            "or generate the data first (python -m gcl.data.synthetic)")
+    subs = {d: len(glob.glob(os.path.join(path, d, "*.tar"))) for d in sorted(os.listdir(path))
+            if os.path.isdir(os.path.join(path, d))}
+    subs = {d: n for d, n in subs.items() if n}
+    if not subs:
+        return FileNotFoundError(f"{path!r} is a folder with no .tar shards in it or in its subfolders; give the "
+                                 "folder (or a pattern) of the .tar files")
+    found = ", ".join(f"{d}/ ({n} .tar)" for d, n in subs.items())
+    keys = {"train": "data.train_shards", "val": "data.val_shards", "test": "data.test_shards"}
+    give = " ".join(f"{keys[d]}={os.path.join(path, d)}" for d in subs if d in keys) or \
+        f"the subfolder, e.g. {os.path.join(path, next(iter(subs)))}"
+    return FileNotFoundError(f"{path!r} holds no .tar shards itself, but its subfolders do: {found}; give the "
+                             f"subfolder: {give}")
+
+
 def _expand_one(pattern: str) -> list[str]:
     """Brace-expand one pattern; glob / list a folder and check existence for local paths and object-store
     URLs (``s3://b/shards/``, ``s3://b/shards/*.tar``: listed; a missing bucket, shard or credential fails now,
@@ -179,14 +200,25 @@ def _expand_one(pattern: str) -> list[str]:
         else:
             found = [path] if os.path.isfile(path) else []
         if not found:
-            raise FileNotFoundError(
-                f"shard pattern {pattern!r} matches nothing ({path!r} does not exist); "
-                "check the path/brace range, or generate the data first (python -m gcl.data.synthetic)"
-            )
+            raise _no_shards_here(pattern, path)
         out.extend(found)
     if remote:
         storage.check_shards(remote)
     return out
+
+
+def is_empty_shard(url: str) -> bool:
+    """True for a local shard that holds no member at all (a 0-byte file, or a tar whose first block is the
+    end-of-archive marker). Only the first 512 bytes are read; remote URLs are never called empty."""
+    if not _is_local(url):
+        return False
+    path = urlparse(url).path if url.startswith("file:") else url
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False  # unreadable: reported (and counted) when it is read
+    return not head.strip(b"\0")
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
@@ -249,20 +281,30 @@ def count_samples(path: str) -> int:
     """Samples in a local tar shard, from its member headers alone (the data is seeked over, not read).
 
     Counts what ``_iter_shard`` yields: regular members outside webdataset's ``__meta__`` names, grouped by
-    consecutive keys (the name up to the first dot of its last path part).
+    consecutive keys (the name up to the first dot of its last path part). A damaged shard (a header tar
+    cannot read, or no end-of-archive blocks: cut short) is counted by reading it as ``_iter_shard`` does, so
+    the count leaves out what the reader will drop.
     """
     from webdataset.tariterators import base_plus_ext
 
     n, last = 0, None
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            name = member.name
-            if not member.isreg() or re.match(r"__[^/]*__($|/)", name):
-                continue
-            key, _ = base_plus_ext(name)
-            if key is not None and key != last:
-                n, last = n + 1, key
-    return n
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                name = member.name
+                if not member.isreg() or re.match(r"__[^/]*__($|/)", name):
+                    continue
+                key, _ = base_plus_ext(name)
+                if key is not None and key != last:
+                    n, last = n + 1, key
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 1024))
+            intact = not f.read().strip(b"\0")  # a tar ends in two zero blocks (then zero padding)
+    except (tarfile.TarError, EOFError):
+        intact = False
+    if intact:
+        return n
+    return sum(1 for _ in _iter_shard(path, lambda *_: None))
 
 
 def shard_sizes(urls: Sequence[str]) -> list[int] | None:
@@ -328,26 +370,75 @@ def _open_url(url: str) -> Any:
         ) from exn
 
 
+def _is_truncation(exn: BaseException) -> bool:
+    """A tar stream that ends inside a member or header (a copy or download cut short)."""
+    if isinstance(exn, EOFError):
+        return True
+    return isinstance(exn, tarfile.ReadError) and any(w in str(exn).lower() for w in ("truncated", "unexpected end"))
+
+
+class _TailWatch:
+    """A read-only stream that remembers its last 512 bytes. A tar ends with zero blocks; a stream that ends
+    on anything else was cut short, even exactly at a member boundary, where tarfile sees a clean end."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tail = b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if data:
+            self.tail = (self.tail + data)[-512:]
+        return data
+
+    def cut_short(self) -> bool:
+        return bool(self.tail) and bool(self.tail.strip(b"\0"))
+
+    def close(self) -> None:
+        self.stream.close()
+
+
 def _iter_shard(url: str, on_error: Callable[[str, str, BaseException], None]) -> Iterator[dict[str, Any]]:
     """Raw samples (``{"__key__", "__url__", ext: bytes}``) of one tar shard, in file order.
 
-    Unreadable shards and broken tar members are reported through ``on_error`` and the rest is skipped,
-    so a damaged shard costs its damaged part only.
+    Unreadable shards and broken tar members are reported through ``on_error`` ("shard_error") and the rest
+    is skipped, so a damaged shard costs its damaged part only. A shard cut short is reported once as
+    "truncated_shard" (naming it), and the sample it ends in is dropped with it when that sample lacks a
+    member the one before had (it was cut), instead of being counted as a sample without its json/image.
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    truncated: list[BaseException] = []
+
     def handler(exn: BaseException) -> bool:
-        on_error("shard_error", url, exn)
+        if _is_truncation(exn):  # webdataset appends " @ <stream>" to the message: keep tar's own words
+            truncated.append(EOFError(f"cut short ({str(exn.args[0]).split(' @ ')[0] if exn.args else exn})"))
+        else:
+            on_error("shard_error", url, exn)
         return True  # continue with the next member (or end this shard when the tar stream is broken)
 
     try:
-        stream = _open_url(url)
+        stream = _TailWatch(_open_url(url))
     except Exception as exn:  # noqa: BLE001 - any open failure (missing file, network) is a counted skip
         on_error("shard_error", url, exn)
         return
     try:
         files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-        yield from group_by_keys(files, handler=handler)
+        held: dict[str, Any] | None = None
+        members: set[str] | None = None  # the member extensions of the sample before ``held``
+        for sample in group_by_keys(files, handler=handler):
+            if held is not None:
+                members = {k for k in held if not k.startswith("__")}
+                yield held
+            held = sample
+        if not truncated and stream.cut_short():
+            truncated.append(EOFError("the tar stream ends without its end-of-archive blocks"))
+        if truncated:
+            on_error("truncated_shard", url, truncated[0])
+            if held is not None and (members is None or not members <= set(held)):
+                held = None  # the sample the cut went through
+        if held is not None:
+            yield held
     finally:
         try:
             stream.close()

@@ -72,7 +72,7 @@ from gcl.data.batch import (  # noqa: F401 - LIST_RULES, SKIP_REASONS, concat_ba
 from gcl.data.eval_loader import EvalLoader, build_eval_loader  # noqa: F401 - re-exported
 from gcl.data.image import parse_background
 from gcl.data.schema import stable_hash
-from gcl.data.shards import _iter_shard, expand_urls, shard_sizes
+from gcl.data.shards import _iter_shard, expand_urls, is_empty_shard, shard_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -195,11 +195,10 @@ class _SourceCursor:
             # unlucky: tolerate a few empty rounds there first.
             if empty_rounds >= (20 if self.resampled else 3 if self.sizes is not None else 1):
                 raise RuntimeError(
-                    f"data slot {self.slot} of {self.n_slots} read no samples from source {self.source} "
-                    f"in a whole {'chunk' if self.resampled else 'epoch'} (shards {[p[0] for p in plan[:3]]}...); "
-                    "the shards are empty or unreadable (see the shard_error warnings), or the source has fewer "
-                    "samples than ranks x workers"
-                )
+                    f"data reader {self.slot} of {self.n_slots} (processes x DataLoader workers) read no samples "
+                    f"from source {self.source} in a whole {'chunk' if self.resampled else 'epoch'} (shards "
+                    f"{[p[0] for p in plan[:3]]}{'...' if len(plan) > 3 else ''}): they are unreadable (see the shard_error "
+                    f"warnings), or the source has fewer samples than the {self.n_slots} readers")
 
     def _piece(self, url: str, start: int, end: int | None) -> Iterator[dict[str, Any]]:
         """Samples ``start <= i < end`` (in tar order) of one shard, updating ``offset``; the ones before
@@ -399,7 +398,8 @@ class TrainStream:
                 "sizes": [None if z is None else stable_hash(json.dumps(z)) for z in s["sizes"]],
                 "resampled": s["resampled"], "seed": s["seed"], "block_size": s["block_size"],
                 "batch_size": s["batch_size"], "fields": s["fields"], "list_rule": s["list_rule"],
-                "num_workers": s["num_workers"], "world_size": s["world_size"], "rank": s["rank"]}
+                # logical workers: 0 (in-process) and 1 worker read the same samples in the same order
+                "num_workers": max(1, s["num_workers"]), "world_size": s["world_size"], "rank": s["rank"]}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position after the batches yielded so far: per logical worker ``{"block", "j", "start",
@@ -421,7 +421,8 @@ class TrainStream:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data stream state version {state.get('version')!r}; this code reads {STATE_VERSION}")
         here = self._fingerprint()
-        diff = sorted(k for k in here if state["config"].get(k) != here[k])
+        saved = {**state["config"], "num_workers": max(1, int(state["config"].get("num_workers") or 0))}
+        diff = sorted(k for k in here if saved.get(k) != here[k])
         self._batches = int(state["batches"])
         if not diff:
             self._positions = [dict(p) for p in state["workers"]]
@@ -558,7 +559,7 @@ def build_train_stream(
     _check_train_args(batch_size, num_workers, seed, rank, world_size)
     sources = _sources(urls, source_weights)
     sizes = [None if resampled else _source_sizes(i, src) for i, src in enumerate(sources)]
-    _warn_if_few_shards(sources, sizes, world_size * max(1, num_workers), resampled)
+    _warn_if_few_shards(sources, sizes, world_size, num_workers, resampled)
     spec = {
         "sources": sources, "sizes": sizes,
         "weights": None if source_weights is None else [float(w) for w in source_weights],
@@ -583,16 +584,28 @@ def _check_train_args(batch_size: int, num_workers: int, seed: int, rank: int, w
 
 
 def _sources(urls: str | list[str], source_weights: list[float] | None) -> list[list[str]]:
-    """Shard URLs per source: one pool of every pattern without weights, else one source per pattern."""
+    """Shard URLs per source: one pool of every pattern without weights, else one source per pattern. Empty
+    shards are left out (a warning names them): one would leave the worker it falls to without samples.
+    Only a source with no shard holding samples is an error."""
     patterns = [urls] if isinstance(urls, str) else list(urls)
-    if source_weights is None:
-        return [expand_urls(patterns)]
-    if len(source_weights) != len(patterns):
-        raise ValueError(f"{len(source_weights)} source_weights for {len(patterns)} url patterns; give one "
-                         "weight per pattern")
-    if any(w < 0 for w in source_weights) or sum(source_weights) <= 0:
-        raise ValueError(f"source_weights must be >= 0 with a positive sum, got {source_weights}")
-    return [expand_urls(p) for p in patterns]
+    if source_weights is not None:
+        if len(source_weights) != len(patterns):
+            raise ValueError(f"{len(source_weights)} source_weights for {len(patterns)} url patterns; give one "
+                             "weight per pattern")
+        if any(w < 0 for w in source_weights) or sum(source_weights) <= 0:
+            raise ValueError(f"source_weights must be >= 0 with a positive sum, got {source_weights}")
+    out = []
+    for i, group in enumerate([patterns] if source_weights is None else [[p] for p in patterns]):
+        urls_i = expand_urls(group)
+        empty = [u for u in urls_i if is_empty_shard(u)]
+        if len(empty) == len(urls_i):
+            raise ValueError(f"source {i} ({group}) has no samples at all: its {len(urls_i)} shard(s) are empty "
+                             f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''})")
+        if empty:
+            logger.warning("source %d: leaving out %d empty shard(s) of %d: %s%s", i, len(empty), len(urls_i),
+                           ", ".join(empty[:5]), ", ..." if len(empty) > 5 else "")
+        out.append([u for u in urls_i if u not in empty])
+    return out
 
 
 def _source_sizes(i: int, urls: list[str]) -> list[int] | None:
@@ -604,11 +617,18 @@ def _source_sizes(i: int, urls: list[str]) -> list[int] | None:
     return sizes
 
 
-def _warn_if_few_shards(sources: list[list[str]], sizes: list[list[int] | None], n_slots: int,
-                        resampled: bool) -> None:
+def _warn_if_few_shards(sources: list[list[str]], sizes: list[list[int] | None], world_size: int,
+                        num_workers: int, resampled: bool) -> None:
+    """Fewer shards than data readers (processes x DataLoader workers) where sizes are unknown (shard-split
+    epochs): every reader reads every shard."""
+    workers = max(1, num_workers)
+    n = world_size * workers
+    readers = (f"{n} data reader{'s' if n > 1 else ''} ({world_size} process{'es' if world_size > 1 else ''} x "
+               f"{workers} DataLoader worker{'s' if workers > 1 else ''})" if num_workers else
+               f"{n} process{'es' if n > 1 else ''} reading in-process (data.num_workers=0)")
     for i, (src, sz) in enumerate(zip(sources, sizes)):
-        if not resampled and sz is None and len(src) < n_slots:
+        if not resampled and sz is None and len(src) < n:
             logger.warning(
-                "source %d has %d shards for %d ranks x workers: every worker reads all its shards and keeps "
-                "1/%d of the samples (correct but %dx the reading); write smaller shards or use resampled=True",
-                i, len(src), n_slots, n_slots, n_slots)
+                "source %d has %d shard%s for %s: each reader reads every shard and keeps 1 sample in %d "
+                "(correct, but %dx the reading); write at least %d shards or set data.resampled=true",
+                i, len(src), "s" if len(src) > 1 else "", readers, n, n, n)

@@ -137,6 +137,21 @@ def test_expand_urls(tmp_path):
         S.expand_urls(str(tmp_path / "nothing-*.tar"))
 
 
+def test_folder_of_split_folders_says_what_it_found(tmp_path):
+    """A folder holding train/ and val/ (what prepare and the catalog write) is not "missing": the message says
+    what is there and which paths to give."""
+    for split, n in (("train", 6), ("val", 3)):
+        write_shards(tmp_path / "data" / split, n, per_shard=3)
+    with pytest.raises(FileNotFoundError) as e:
+        S.expand_urls(str(tmp_path / "data"))
+    msg = str(e.value)
+    assert "does not exist" not in msg and "train/ (2 .tar), val/ (1 .tar)" in msg
+    assert f"data.train_shards={tmp_path / 'data' / 'train'}" in msg and f"data.val_shards={tmp_path / 'data' / 'val'}" in msg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .tar shards in it"):
+        S.expand_urls(str(tmp_path / "empty"))
+
+
 def test_pipe_urls_are_read(tmp_path, tok, eval_tf):
     pattern, written = write_shards(tmp_path, 6, per_shard=6)
     loader = S.build_eval_loader(f"pipe:cat {pattern}", tokenizer=tok, context_length=CTX, image_transform=eval_tf,
@@ -346,9 +361,88 @@ def test_fewer_shards_than_workers_still_disjoint(tmp_path, tok, eval_tf, caplog
     with caplog.at_level(logging.WARNING, logger="gcl.data.stream"):
         st = _stream(pattern, tok, eval_tf, fields=["title"], batch_size=4, shuffle_buffer=4, num_workers=2)
     # exact epochs split samples, so each worker reads only its half; without sizes, a warning says the cost
-    assert ("1/2 of the samples" in caplog.text) == ("shard sizes unknown" in caplog.text) == (not sizes_known)
+    warned = "1 shard for 2 data readers (1 process x 2 DataLoader workers)" in caplog.text
+    assert warned == ("shard sizes unknown" in caplog.text) == (not sizes_known)
     b0, b1 = _take(st, 2)
     assert sorted(b0["key"] + b1["key"]) == sorted(written)
+
+
+@pytest.mark.parametrize("world_size, num_workers, text", [
+    (1, 2, "source 0 has 1 shard for 2 data readers (1 process x 2 DataLoader workers)"),
+    (2, 0, "source 0 has 1 shard for 2 processes reading in-process (data.num_workers=0)"),
+    (2, 3, "source 0 has 1 shard for 6 data readers (2 processes x 3 DataLoader workers)"),
+])
+def test_few_shards_warning_counts_exactly(tmp_path, tok, eval_tf, caplog, world_size, num_workers, text):
+    pattern, _ = write_shards(tmp_path, 4, per_shard=4)
+    pattern = f"pipe:cat {pattern}"  # no sizes.json: shard-split epochs, where the shard count matters
+    with caplog.at_level(logging.WARNING, logger="gcl.data.stream"):
+        _stream(pattern, tok, eval_tf, fields=["title"], num_workers=num_workers, world_size=world_size)
+    assert text in caplog.text and "keeps 1 sample in" in caplog.text and "ranks x workers" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gcl.data.stream"):
+        _stream(pattern, tok, eval_tf, fields=["title"], num_workers=0, world_size=1)
+    assert "keeps 1 sample in" not in caplog.text  # one shard for one reader: nothing to say
+
+
+@pytest.mark.parametrize("empty", ["empty_tar", "zero_bytes"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_empty_shard_beside_a_good_one_is_left_out(tmp_path, tok, eval_tf, caplog, empty, world_size):
+    """One good shard and one empty one, read by 2 (or 3) ranks: each rank used to get the empty shard in some
+    epoch and stop with "read no samples". Now it is left out with a warning, and the ranks split the good
+    shard's samples disjointly and completely."""
+    pattern, written = write_shards(tmp_path / "d", 6, per_shard=6)
+    bad = tmp_path / "d" / "shard-000001.tar"
+    if empty == "empty_tar":
+        _tar(bad, [])
+    else:
+        bad.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="gcl.data.stream"):
+        streams = [_stream(str(tmp_path / "d"), tok, eval_tf, fields=["title"], batch_size=1, shuffle_buffer=1,
+                           rank=r, world_size=world_size) for r in range(world_size)]
+    assert f"leaving out 1 empty shard(s) of 2: {bad}" in caplog.text
+    keys = [k for st in streams for b in _take(st, 6 // world_size) for k in b["key"]]
+    assert sorted(keys) == sorted(written)  # one epoch: disjoint and complete
+    bad.with_name("shard-000000.tar").write_bytes(b"")  # now no sample at all: that alone is fatal
+    with pytest.raises(ValueError, match="no samples at all"):
+        _stream(str(tmp_path / "d"), tok, eval_tf, fields=["title"])
+
+
+@pytest.mark.parametrize("where", [2 / 3, 1 / 2])  # inside a header; exactly at a member boundary
+def test_truncated_shard_is_counted_as_one_naming_it(tmp_path, tok, eval_tf, caplog, where):
+    """A tar cut short: counted once as truncated_shard (the shard named in the warning), the samples wholly
+    before the cut are read, the one the cut went through is not counted as a sample without its json. At a
+    member boundary tarfile sees a clean end; the missing end-of-archive blocks tell."""
+    pattern, written = write_shards(tmp_path / "ok", 10, per_shard=10)
+    raw = Path(pattern).read_bytes()
+    cut = int(len(raw) * where) // 512 * 512 + (100 if where > 0.5 else 0)
+    cut_shard = tmp_path / "cut.tar"
+    cut_shard.write_bytes(raw[:cut])
+    # the reference: samples whose every member ends before the cut, from the intact tar's member offsets
+    ends: dict[str, list[int]] = {}
+    with tarfile.open(pattern) as tf:
+        for m in tf.getmembers():
+            ends.setdefault(m.name.split(".")[0], []).append(m.offset_data + m.size)
+    whole = [k for k, e in ends.items() if max(e) <= cut]
+    assert 0 < len(whole) < 10
+    st = _stream(str(cut_shard), tok, eval_tf, fields=["title"], batch_size=len(whole), shuffle_buffer=1)
+    with caplog.at_level(logging.WARNING, logger="gcl.data.stream"):
+        b1, b2 = _take(st, 2)  # one epoch each; the cut is met at the end of epoch 0, so batch 2 counts it
+    assert b1["key"] == b2["key"] == whole
+    assert b1["skipped"] == {} and b2["skipped"] == {"truncated_shard": 1}
+    assert str(cut_shard) in caplog.text and "truncated_shard" in caplog.text
+
+
+@pytest.mark.dist
+def test_resume_from_in_process_loading_with_one_worker_is_exact(tmp_path, tok, train_tf):
+    """data.num_workers 0 -> 1 on resume keeps the stream exact (one logical worker either way), as the resume
+    rules (gcl.resume) promise."""
+    pattern, _ = write_shards(tmp_path, 14, per_shard=7)
+    full = _take(_stream(pattern, tok, train_tf, num_workers=0), 6)
+    first = _stream(pattern, tok, train_tf, num_workers=0)
+    head = _take(first, 2)
+    resumed = _stream(pattern, tok, train_tf, num_workers=1)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())), strict=True)
+    _assert_same_batches(head + _take(resumed, 4), full)
 
 
 def test_determinism_and_epoch_reshuffle(tmp_path, tok, train_tf):
