@@ -169,7 +169,7 @@ def _no_shards_here(pattern: str, path: str) -> FileNotFoundError:
                                  "folder (or a pattern) of the .tar files")
     found = ", ".join(f"{d}/ ({n} .tar)" for d, n in subs.items())
     keys = {"train": "data.train_shards", "val": "data.val_shards", "test": "data.test_shards"}
-    give = " ".join(f"{keys[d]}={os.path.join(path, d)}" for d in subs if d in keys) or \
+    give = " ".join(f"{k}={os.path.join(path, d)}" for d, k in keys.items() if d in subs) or \
         f"the subfolder, e.g. {os.path.join(path, next(iter(subs)))}"
     return FileNotFoundError(f"{path!r} holds no .tar shards itself, but its subfolders do: {found}; give the "
                              f"subfolder: {give}")
