@@ -38,7 +38,11 @@ class ModelConfig:
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
     grad_checkpointing: bool = False
-    compile: bool = False
+    compile: str = "none"  # none | model | step (gcl.model.speed)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager / eager to debug a compile problem)
+    attention: str = "auto"  # auto | cudnn | efficient | math: scaled-dot-product-attention kernels
+    channels_last: bool = False  # image tower weights and inputs in NHWC order
+    patch_dropout: float = 0.0  # image tower patch dropout in training, in [0, 1); off at eval
     text_packing: str = "auto"  # auto | prefix | buckets: how real-length text rows are batched (gcl.model.encoder)
     logit_bias_init: Optional[float] = None  # sigmoid loss on a model without logit_bias: init value
     cache_dir: Optional[str] = None
@@ -289,6 +293,8 @@ def check_cli(argv: list[str]) -> None:
 IMAGE = "image"
 RESUME_CHANGES = ("refuse", "allow")  # trainer.resume_changes (gcl.resume)
 TEXT_PACKING = ("auto", "prefix", "buckets")  # model.text_packing (see gcl.model.FieldEncoder)
+COMPILE = ("none", "model", "step")  # model.compile (see gcl.model.speed)
+ATTENTION = ("auto", "cudnn", "efficient", "math")  # model.attention (see gcl.model.speed.attention_kernels)
 
 
 def _fail(key: str, msg: str) -> None:
@@ -368,6 +374,18 @@ def _validate_background(value: str) -> None:
         _fail("data.image_background", f"{value!r} is not a colour; use a name such as white, or #rrggbb")
 
 
+def validate_model(m: DictConfig) -> None:
+    """The model group's value rules (shared by train.py and evaluate.py configs)."""
+    for key, allowed in (("text_packing", TEXT_PACKING), ("compile", COMPILE), ("attention", ATTENTION)):
+        if m[key] not in allowed:
+            _fail(f"model.{key}", f"{m[key]!r} is not one of {', '.join(allowed)}")
+    if m.compile != "none" and not m.compile_backend:
+        _fail("model.compile_backend", "must name a torch.compile backend (inductor, aot_eager, ...)")
+    if not 0.0 <= m.patch_dropout < 1.0:
+        _fail("model.patch_dropout", f"must be in [0, 1) (0 disables; 0.5 keeps half the patches), got "
+              f"{m.patch_dropout}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules; raise ConfigError naming the key and the fix. Call before building anything."""
     t = cfg.trainer
@@ -381,8 +399,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.batch_size % t.accum_steps:
         _fail("data.batch_size", f"{cfg.data.batch_size} must be divisible by trainer.accum_steps="
               f"{t.accum_steps} (data.batch_size is the per-rank batch of one optimizer step)")
-    if cfg.model.text_packing not in TEXT_PACKING:
-        _fail("model.text_packing", f"{cfg.model.text_packing!r} is not one of {', '.join(TEXT_PACKING)}")
+    validate_model(cfg.model)
     if t.device not in ("auto", "cpu", "cuda"):
         _fail("trainer.device", f"{t.device!r} is not one of auto, cpu, cuda")
     if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):

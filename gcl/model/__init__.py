@@ -18,7 +18,8 @@ lives with its concern, and every public name is re-exported here (import from `
 * :mod:`gcl.model.weights`: names, weights files, the Hub and offline handling, config registration, tokenizer;
 * :mod:`gcl.model.towers`: tower locking;
 * :mod:`gcl.model.packing`: native text-tower views, length buckets, prefix-shared packing, their forwards;
-* :mod:`gcl.model.encoder`: :class:`FieldEncoder` and the build-time real-length / packing check.
+* :mod:`gcl.model.encoder`: :class:`FieldEncoder` and the build-time real-length / packing check;
+* :mod:`gcl.model.speed`: speed settings (torch.compile, attention kernels, channels_last, patch dropout).
 """
 from __future__ import annotations
 
@@ -33,16 +34,16 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
-from gcl.config import TEXT_PACKING
+from gcl.config import ATTENTION, COMPILE, TEXT_PACKING
 from gcl.model.encoder import IMAGE, FieldEncoder, choose_text_encoding, verify_real_length
 from gcl.model.packing import (
     PASS_OVERHEAD_TOKENS,
     PackPlan,
-    _native_text,
     plan_length_buckets,
     plan_prefix_packing,
     real_length_structure,
 )
+from gcl.model.speed import compile_towers, set_patch_dropout, to_channels_last
 from gcl.model.towers import lock_towers
 from gcl.model.weights import (
     HF_CONFIG,
@@ -85,21 +86,26 @@ class ModelBundle:
     model_cfg: dict = field(default_factory=dict)
     preprocess_cfg: dict = field(default_factory=dict)
     text_packing: str = "buckets"  # verified at build: "prefix" or "buckets" (see FieldEncoder)
+    attention: str = "auto"  # SDPA kernels the encoder selects per forward (gcl.model.speed.attention_kernels)
+    channels_last: bool = False  # the image tower's weights are NHWC; the encoder feeds images likewise
 
     def field_encoder(self, **kwargs: Any) -> FieldEncoder:
         """A :class:`FieldEncoder` for this model, tokenizer padding, real-length and packing decisions; its
         placeholder row (for batches without any present text) is the tokenizer's row for an empty text."""
         kwargs.setdefault("text_packing", self.text_packing)
         kwargs.setdefault("null_tokens", self.tokenizer([""], context_length=self.context_length)[0])
+        kwargs.setdefault("attention", self.attention)
+        kwargs.setdefault("channels_last", self.channels_last)
         return FieldEncoder(self.model, self.real_length, self.pad_id, self.context_length, **kwargs)
 
 
-def _check_request(name: str, precision: str, text_packing: str, config_path: str | None) -> None:
+def _check_request(name: str, precision: str, text_packing: str, config_path: str | None, compile: str,
+                   attention: str) -> None:
     """Validate the arguments and register ``config_path``, before any file is looked up or model built."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"model.precision={precision!r} is not one of {PRECISIONS}")
-    if text_packing not in TEXT_PACKING:
-        raise ValueError(f"model.text_packing={text_packing!r} is not one of {TEXT_PACKING}")
+    for key, value, allowed in (("precision", precision, PRECISIONS), ("text_packing", text_packing, TEXT_PACKING),
+                                ("compile", compile, COMPILE), ("attention", attention, ATTENTION)):
+        if value not in allowed:
+            raise ValueError(f"model.{key}={value!r} is not one of {allowed}")
     if config_path:
         stem = register_model_config(config_path)
         if name != stem:
@@ -127,8 +133,10 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
                 precision: str = "fp32", device: str | torch.device = "cpu", lock_image: bool = False,
                 lock_image_unlocked_groups: int = 0, lock_image_freeze_bn: bool = True, lock_text: bool = False,
                 lock_text_unlocked_layers: int = 0, lock_text_freeze_layer_norm: bool = True,
-                grad_checkpointing: bool = False, compile: bool = False, logit_bias_init: float | None = None,
-                cache_dir: str | None = None, text_packing: str = "auto") -> ModelBundle:
+                grad_checkpointing: bool = False, compile: str = "none", compile_backend: str = "inductor",
+                attention: str = "auto", channels_last: bool = False, patch_dropout: float = 0.0,
+                logit_bias_init: float | None = None, cache_dir: str | None = None,
+                text_packing: str = "auto") -> ModelBundle:
     """Build an open_clip model with its transforms and tokenizer, ready for GCL fine-tuning.
 
     Args:
@@ -141,7 +149,13 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
         precision: weights precision passed to open_clip (fp32 | bf16 | fp16 | pure_bf16 | pure_fp16).
         lock_*: see :func:`lock_towers`.
         grad_checkpointing: activation checkpointing in both towers.
-        compile: ``torch.compile`` the image tower and the text transformer in place (state-dict keys unchanged).
+        compile: ``none``, ``model`` or ``step``: ``torch.compile`` (with ``compile_backend``) the image tower and
+            the text stack in place (state-dict keys unchanged); ``step`` also compiles the loss, which the
+            trainer does (:func:`gcl.model.speed.compile_loss`).
+        attention: scaled-dot-product-attention kernels for the encoder's forwards (``auto``, ``cudnn``,
+            ``efficient``, ``math``; :func:`gcl.model.speed.attention_kernels`).
+        channels_last: image tower weights (and the encoder's image inputs) in NHWC order.
+        patch_dropout: open_clip patch dropout of the image tower in training, in [0, 1) (0: none).
         logit_bias_init: if not None and the model has no ``logit_bias`` (CLIP family), attach a learnable one
             with this value after loading weights - pass it only for a sigmoid loss.
         cache_dir: download cache (open_clip's ``cache_dir``: the Hub cache or ~/.cache/clip for URL tags).
@@ -154,7 +168,7 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
             model is instantiated, with the fixes in the message.
     """
     t0 = time.perf_counter()
-    _check_request(name, precision, text_packing, config_path)
+    _check_request(name, precision, text_packing, config_path, compile, attention)
     model, model_cfg, tokenizer = create_with_weights(name, pretrained, precision=precision, device=device,
                                                       cache_dir=cache_dir)
     _attach_logit_bias(model, model_cfg, logit_bias_init)
@@ -164,13 +178,13 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
                 lock_text_freeze_layer_norm=lock_text_freeze_layer_norm)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
+    set_patch_dropout(model, patch_dropout)
+    if channels_last:
+        to_channels_last(model)
 
     pad_id = tokenizer_pad_id(tokenizer)
     real_length, packing = choose_text_encoding(model, tokenizer, pad_id, name, text_packing)
-    if compile:
-        model.visual.compile()
-        parts = _native_text(model)
-        (parts.transformer if parts is not None else model.text).compile()
+    compile_towers(model, compile, compile_backend)  # after the probe above, which must run eagerly
 
     pp_cfg = dict(model.visual.preprocess_cfg)
     pp = PreprocessCfg(**pp_cfg)
@@ -188,6 +202,8 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
         pad_id=pad_id,
         real_length=real_length,
         text_packing=packing,
+        attention=attention,
+        channels_last=channels_last,
         name=name,
         pretrained=pretrained,
         model_cfg=model_cfg,

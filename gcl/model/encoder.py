@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gcl.config import TEXT_PACKING
+from gcl.config import ATTENTION, TEXT_PACKING
 from gcl.model.packing import (
     PASS_OVERHEAD_TOKENS,
     _forward_native,
@@ -33,6 +33,7 @@ from gcl.model.packing import (
     plan_prefix_packing,
     real_length_structure,
 )
+from gcl.model.speed import attention_kernels
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,20 @@ class FieldEncoder(nn.Module):
     parameters whatever its data holds (DDP's reducer, and FSDP's collectives, need that on every rank and
     every GradCache micro-batch), and the gradient is exactly unchanged. Without ``null_tokens`` the
     placeholder is ``[pad_id, pad_id]``.
+
+    Speed settings (:mod:`gcl.model.speed`): ``attention`` selects the attention kernels for each forward;
+    ``channels_last`` feeds images in NHWC order (for a tower whose weights were converted likewise).
     """
 
     def __init__(self, model: nn.Module, real_length: bool, pad_id: int, context_length: int,
                  max_passes: int = 8, pass_overhead_tokens: int | None = None, text_packing: str = "auto",
-                 max_mask_bytes: int = 1 << 28, null_tokens: Tensor | None = None) -> None:
+                 max_mask_bytes: int = 1 << 28, null_tokens: Tensor | None = None, attention: str = "auto",
+                 channels_last: bool = False) -> None:
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r} is not one of {ATTENTION}")
+        self.attention = attention
+        self.channels_last = bool(channels_last)
         self.model = model
         self.real_length = bool(real_length)
         self.pad_id = int(pad_id)
@@ -121,7 +130,10 @@ class FieldEncoder(nn.Module):
 
     def encode_image(self, images: Tensor) -> Tensor:
         """FloatTensor[B, 3, H, W] -> FloatTensor[B, D] (float32, unnormalized)."""
-        return self.model.encode_image(images.to(self._image_dtype())).float()
+        images = images.to(self._image_dtype())
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.model.encode_image(images).float()
 
     # -- text
     def encode_tokens(self, tokens: Tensor) -> Tensor:
@@ -236,7 +248,10 @@ class FieldEncoder(nn.Module):
 
     def forward(self, batch: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Tensor]:
         """Features for ``fields`` (``"image"`` and/or text field names) of a batch dict."""
-        fields = list(dict.fromkeys(fields))
+        with attention_kernels(self.attention):
+            return self._forward(batch, list(dict.fromkeys(fields)))
+
+    def _forward(self, batch: Mapping[str, Any], fields: list[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         text = [f for f in fields if f != IMAGE]
         missing = [f for f in text if f not in batch["tokens"]]
