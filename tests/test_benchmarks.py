@@ -35,7 +35,25 @@ def test_gpu_benchmark_dry_run(tmp_path, capsys):
             # prefix packing computes shared prefixes once: fewer FLOPs than length buckets
             assert r["text_packing"] == "prefix"
             assert r["gcl_seven_buckets"]["flops_per_step"] > flops["gcl_seven"]
-    assert "seven_vs_single=" in capsys.readouterr().out
+    # every speed-setting arm ran against the defaults (compile arms: test_knob_benchmark_dry_run)
+    knobs = payload["knobs"]
+    for arm in ("attention_math", "attention_efficient", "attention_cudnn", "channels_last", "patch_dropout_50"):
+        assert knobs[arm]["ratio"] > 0 and knobs[arm]["flops_per_step"] > 0
+    out = capsys.readouterr().out
+    assert "seven_vs_single=" in out and "knobs (gcl-tiny" in out
+
+
+def test_knob_benchmark_dry_run(tmp_path, capsys):
+    """bench_knobs.py end to end (tiny model, dynamo's eager backend): settings that must not change the
+    result do not; patch dropout 0.5 keeps 33 of 65 image tokens, so it runs fewer FLOPs."""
+    out = tmp_path / "knobs.json"
+    _load("bench_knobs").main(["--dry-run", "--out", str(out)])
+    res = json.loads(out.read_text())["results"]
+    for arm in ("compile_model", "compile_step", "attention_math", "channels_last"):
+        assert res[arm]["loss_diff"] <= 1e-5 and res[arm]["ratio"] > 0, arm
+    assert res["compile_model"]["flops_vs_baseline"] == 1.0 and res["channels_last"]["flops_vs_baseline"] == 1.0
+    assert res["patch_dropout_50"]["flops_vs_baseline"] < 0.9 and res["patch_dropout_50"]["loss_diff"] is None
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("knobs: compile_model=")
 
 
 @pytest.mark.slow
