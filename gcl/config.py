@@ -141,6 +141,7 @@ class TrainerConfig:
     best_mode: str = "max"
     deterministic: bool = False
     threads: Optional[int] = None
+    peak_tflops: Optional[float] = None  # per-device dense peak for mfu; null: gcl.flops's GPU table
 
 
 @dataclass
@@ -404,6 +405,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("trainer.device", f"{t.device!r} is not one of auto, cpu, cuda")
     if t.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         _fail("trainer.mixed_precision", f"{t.mixed_precision!r} is not one of auto, no, bf16, fp16")
+    if t.peak_tflops is not None and not t.peak_tflops > 0:
+        _fail("trainer.peak_tflops", f"must be > 0 (the device's dense TFLOP/s), or null; got {t.peak_tflops}")
     if t.best_mode not in ("max", "min"):
         _fail("trainer.best_mode", f"{t.best_mode!r} is not max or min")
     if t.resume not in (None, "auto") and not str(t.resume):

@@ -40,6 +40,7 @@ from gcl.checkpoint import (
     step_files,
 )
 from gcl.distributed import all_reduce_sum, gather_checked, gather_objects
+from gcl.flops import StepFlops, compute_dtype, resolve_peak_tflops
 from gcl.launch import INTERRUPTED_EXIT, StopSignal, slurm_to_torch_env
 from gcl.log import RunLogger, Throughput, console_logging, cut_metrics, report_failure
 from gcl.remote import RemoteSync, fetch_for_resume
@@ -116,6 +117,8 @@ class Trainer:
         self._build_data()
         self._build_evaluator()
         self._export_preflight()
+        self.flops = StepFlops(resolve_peak_tflops(cfg.trainer.peak_tflops, self.accelerator.device, compute_dtype(
+            self.accelerator.mixed_precision, cfg.model.precision)))  # counts the first step, then rates
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.trainer.keep_last)
         # rank 0 writes checkpoints, so it mirrors them; the prefix is checked for writing now, not hours later
         self.remote = (RemoteSync(cfg.trainer.remote_sync, self.run_dir)
@@ -164,6 +167,7 @@ class Trainer:
         """The loss, the model bundle, the trained fields and the logit-scale ceiling; returns the encoder."""
         from gcl.loss import build_loss
         from gcl.model import build_model
+        from gcl.model.speed import compile_loss
 
         cfg, acc = self.cfg, self.accelerator
         m = cfg.model
@@ -175,10 +179,12 @@ class Trainer:
             lock_image_freeze_bn=m.lock_image_freeze_bn, lock_text=m.lock_text,
             lock_text_unlocked_layers=m.lock_text_unlocked_layers,
             lock_text_freeze_layer_norm=m.lock_text_freeze_layer_norm, grad_checkpointing=m.grad_checkpointing,
-            compile=m.compile, text_packing=m.text_packing,
+            compile=m.compile, compile_backend=m.compile_backend, attention=m.attention,
+            channels_last=m.channels_last, patch_dropout=m.patch_dropout, text_packing=m.text_packing,
             logit_bias_init=(m.logit_bias_init if m.logit_bias_init is not None else -10.0)
             if cfg.loss.kind == "siglip" else None,
             cache_dir=m.cache_dir)
+        compile_loss(self.loss_fn, m.compile, m.compile_backend)
         model = self.bundle.model
         self.model = model
         self.fields = sorted(self.loss_fn.fields)
@@ -544,7 +550,7 @@ class Trainer:
             t_start = time.perf_counter()
             while self.step < t.max_steps:
                 batch = to_device(next(data), acc.device)
-                out = self.train_step(batch)
+                out = self.flops.run(self.train_step, batch)
                 self.step += 1
                 self._count_rows(out)
                 meter.add(batch["image"].shape[0] * self.world_size)
@@ -603,10 +609,13 @@ class Trainer:
         tot = all_reduce_sum(torch.tensor([float(skipped[k]) for k in keys]))
         row.update({f"skipped/{k}": int(v) for k, v in zip(keys, tot)})
         row["samples_seen"] = self.step * batch["image"].shape[0] * self.world_size
+        flops = self.flops.rates(rate / (batch["image"].shape[0] * self.world_size))  # steps/s
+        row.update(flops)
         logger.log_metrics(row, self.step)
         empty = self._empty_terms()
         shown: dict[str, Any] = {"empty": ",".join(empty)} if empty else {}
-        logger.progress(self.step, loss=row["loss"], lr=row["lr"], sps=round(rate, 1), **shown)
+        logger.progress(self.step, loss=row["loss"], lr=row["lr"], sps=round(rate, 1),
+                        **{k.replace("_per_s", ""): v for k, v in flops.items()}, **shown)
         return row["loss"]
 
     def _count_rows(self, out: dict[str, Tensor]) -> None:

@@ -189,3 +189,20 @@ def test_patch_dropout_in_training_only(tmp_path):
     assert "patch_dropout" not in json.dumps(pd.model_cfg)  # a training setting never reaches the export
     with pytest.raises(ValueError, match="model.patch_dropout"):
         build_model(_tiny_resnet(tmp_path), patch_dropout=0.5)
+
+
+def test_trainer_applies_every_speed_setting(tmp_path, catalog_cache):
+    """The trainer's model, encoder and loss get what the config says (the settings' effects are tested above)."""
+    from gcl.train import Trainer
+
+    cfg = compose("train", [*FAST, f"data.synthetic.cache_dir={catalog_cache}", "model.compile=step",
+                            "model.compile_backend=eager", "model.attention=math", "model.channels_last=true",
+                            "model.patch_dropout=0.25"])
+    trainer = Trainer(cfg, tmp_path)
+    visual = trainer.model.visual
+    assert visual.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert visual.patch_dropout.prob == 0.25
+    encoder = trainer.accelerator.unwrap_model(trainer.forward_module).encoder
+    assert encoder.attention == "math" and encoder.channels_last
+    for module in (visual, trainer.model.transformer, trainer.loss_fn):
+        assert module._compiled_call_impl is not None

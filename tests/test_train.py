@@ -78,7 +78,7 @@ def test_accumulation_equals_one_big_batch(tmp_path, catalog_cache, loss):
 def test_metrics_jsonl_contract(tmp_path, catalog_cache):
     run = tmp_path / "run"
     _cli(run, catalog_cache, "trainer.max_steps=3", "trainer.save_every=2", "sched=cosine", "sched.warmup_steps=2",
-         "optim.lr=5e-4")
+         "optim.lr=5e-4", "trainer.peak_tflops=0.5")
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3]
     # row k logs the lr step k trained with: open_clip's schedule at its 0-based step k-1 (2.5e-4, 5e-4, 5e-4)
@@ -91,6 +91,10 @@ def test_metrics_jsonl_contract(tmp_path, catalog_cache):
         for k in ("loss", "lr", "logit_scale", "samples_per_s", "world_size", "loss/title_image", "loss/colors_image"):
             assert k in r, k
         assert r["world_size"] == 1 and r["samples_per_s"] > 0
+        # FLOPs counted once (first step), then per logged step: flops_per_step * steps/s; mfu against the peak
+        assert r["tflops_per_s"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_s"] / 0.5)
+    per_sample = [r["tflops_per_s"] / r["samples_per_s"] for r in rows]
+    assert max(per_sample) == pytest.approx(min(per_sample), rel=1e-9)
     assert (run / "train.log").exists() and (run / ".hydra" / "config.yaml").exists()
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 3

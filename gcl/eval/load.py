@@ -26,17 +26,19 @@ def load_model_for_eval(model_cfg: Any, *, device: torch.device | str = "cpu", w
     from gcl.model import build_model
 
     ck = model_cfg.checkpoint
+    # inference speed settings; model.compile and model.patch_dropout are training settings (gcl.train)
+    speed = {"attention": model_cfg.attention, "channels_last": model_cfg.channels_last}
     if not ck:
         return build_model(model_cfg.name, model_cfg.pretrained, config_path=model_cfg.config_path,
                            precision=model_cfg.precision, device=device, cache_dir=model_cfg.cache_dir,
-                           text_packing=model_cfg.text_packing)
+                           text_packing=model_cfg.text_packing, **speed)
     p = Path(os.path.expanduser(str(ck)))
     if not p.exists():
         raise FileNotFoundError(f"model.checkpoint={ck!r} does not exist; pass a run dir (with checkpoints/), a "
                                 "checkpoint file, or an exported open_clip folder")
     if p.is_dir() and (p / "open_clip_config.json").is_file():
         return build_model(f"local-dir:{p}", None, precision=model_cfg.precision, device=device,
-                           cache_dir=model_cfg.cache_dir, text_packing=model_cfg.text_packing)
+                           cache_dir=model_cfg.cache_dir, text_packing=model_cfg.text_packing, **speed)
     from gcl.export import load_training_checkpoint
 
     src = load_training_checkpoint(p)
@@ -57,7 +59,7 @@ def load_model_for_eval(model_cfg: Any, *, device: torch.device | str = "cpu", w
         name = stem
     bias = src.state_dict.get("logit_bias")
     bundle = build_model(name, None, config_path=config_path, precision=model_cfg.precision, device=device,
-                         cache_dir=model_cfg.cache_dir, text_packing=model_cfg.text_packing,
+                         cache_dir=model_cfg.cache_dir, text_packing=model_cfg.text_packing, **speed,
                          logit_bias_init=float(bias.reshape(-1)[0]) if bias is not None else None)
     missing, unexpected = bundle.model.load_state_dict(src.state_dict, strict=False)
     if missing or unexpected:

@@ -221,7 +221,8 @@ def test_load_model_for_eval_checkpoint_run_dir_and_export(tmp_path, bundle):
         bundle.model.logit_scale.fill_(2.5)  # a trained value, distinct from a fresh init
     f = _trainer_checkpoint(tmp_path / "run", bundle)
     mc = OmegaConf.create({"name": "unused", "pretrained": None, "config_path": None, "precision": "fp32",
-                          "cache_dir": None, "checkpoint": None, "text_packing": "auto"})
+                          "cache_dir": None, "checkpoint": None, "text_packing": "auto",
+                          "attention": "auto", "channels_last": False})
     for ref in (tmp_path / "run", f):
         mc.checkpoint = str(ref)
         got = load_model_for_eval(mc, work_dir=tmp_path)
