@@ -100,12 +100,14 @@ class ModelBundle:
 
 
 def _check_request(name: str, precision: str, text_packing: str, config_path: str | None, compile: str,
-                   attention: str) -> None:
+                   attention: str, patch_dropout: float) -> None:
     """Validate the arguments and register ``config_path``, before any file is looked up or model built."""
     for key, value, allowed in (("precision", precision, PRECISIONS), ("text_packing", text_packing, TEXT_PACKING),
                                 ("compile", compile, COMPILE), ("attention", attention, ATTENTION)):
         if value not in allowed:
             raise ValueError(f"model.{key}={value!r} is not one of {allowed}")
+    if not 0.0 <= patch_dropout < 1.0:
+        raise ValueError(f"model.patch_dropout must be in [0, 1), got {patch_dropout}")
     if config_path:
         stem = register_model_config(config_path)
         if name != stem:
@@ -168,7 +170,7 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
             model is instantiated, with the fixes in the message.
     """
     t0 = time.perf_counter()
-    _check_request(name, precision, text_packing, config_path, compile, attention)
+    _check_request(name, precision, text_packing, config_path, compile, attention, patch_dropout)
     model, model_cfg, tokenizer = create_with_weights(name, pretrained, precision=precision, device=device,
                                                       cache_dir=cache_dir)
     _attach_logit_bias(model, model_cfg, logit_bias_init)
