@@ -22,7 +22,7 @@ from helpers import FAST, ROOT, compose
 from loopback import s3_server
 
 from gcl import storage
-from gcl.checkpoint import CheckpointManager, load_checkpoint
+from gcl.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from gcl.remote import RemoteSync, fetch_latest
 
 
@@ -56,7 +56,8 @@ def test_mirror_holds_what_the_run_dir_holds_and_comes_back(tmp_path, s3):
 
     remote = storage.listdir("s3://mirror/runs/a/checkpoints")
     local = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
-    assert remote == local == ["best.json", "best.pt", "latest.json", "step_000000004.pt", "step_000000006.pt"]
+    assert remote == local == ["best.json", "best.pt", "best.pt.json", "latest.json", "step_000000004.pt",
+                               "step_000000004.pt.json", "step_000000006.pt", "step_000000006.pt.json"]
     for name in local:
         assert _remote_bytes(f"s3://mirror/runs/a/checkpoints/{name}") == (run / "checkpoints" / name).read_bytes()
     assert storage.read_text("s3://mirror/runs/a/.hydra/config.yaml") == "a: 1\n"
@@ -65,9 +66,16 @@ def test_mirror_holds_what_the_run_dir_holds_and_comes_back(tmp_path, s3):
     shutil.rmtree(run)  # the node is gone: only the mirror is left
     got = fetch_latest("s3://mirror/runs/a", tmp_path / "new")
     assert got == tmp_path / "new" / "checkpoints" / "step_000000006.pt"
-    assert load_checkpoint(got)["step"] == 6
+    assert load_checkpoint(got)["step"] == 6  # verified against the manifest that came with it
+    assert (got.parent / (got.name + ".json")).read_bytes() == _remote_bytes(
+        "s3://mirror/runs/a/checkpoints/step_000000006.pt.json")
     assert json.loads((got.parent / "latest.json").read_text())["file"] == got.name
     assert fetch_latest("s3://mirror/runs/empty", tmp_path / "other") is None
+    # a mirrored file damaged in storage is caught on download, by the manifest that came with it
+    storage.put_file(got.parent / "latest.json", "s3://mirror/runs/a/checkpoints/step_000000006.pt")
+    bad = fetch_latest("s3://mirror/runs/a", tmp_path / "third")
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(bad)
 
 
 def test_missing_bucket_fails_at_once_and_non_urls_are_refused(tmp_path, s3):
