@@ -672,8 +672,10 @@ def run(cfg: DictConfig) -> float | None:
 
     A run stopped by SIGTERM/SIGINT (its checkpoint saved) ends with ``SystemExit(INTERRUPTED_EXIT)``: not
     finished for schedulers and sweeps, which see a non-zero status and no objective. A failure is written to
-    the run's ``train.log`` (traceback on rank 0, one line on every rank) before it propagates."""
+    the run's ``train.log`` (traceback on rank 0, one line on every rank) before it propagates; a user's
+    mistake (config error, refused resume, eval config) then ends with its message and ``SystemExit(2)``."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer = None
@@ -685,9 +687,15 @@ def run(cfg: DictConfig) -> float | None:
     except BaseException as exn:
         from gcl.eval.tasks import EvalConfigError
 
-        report_failure(exn, rank=trainer.rank if trainer else int(os.environ.get("RANK", "0")),
-                       shared_log=trainer.run_dir / "train.log" if trainer else None,
-                       plain=(gcl_config.ConfigError, resume.ResumeRefused, EvalConfigError))
+        plain = (gcl_config.ConfigError, resume.ResumeRefused, EvalConfigError)
+        rank = trainer.rank if trainer else int(os.environ.get("RANK", "0"))
+        report_failure(exn, rank=rank, shared_log=trainer.run_dir / "train.log" if trainer else None, plain=plain)
+        if isinstance(exn, plain) and HydraConfig.get().mode != RunMode.MULTIRUN:
+            # a user's mistake whose message says everything: the message and exit status 2, no traceback
+            # (a sweep keeps Hydra's handling: one bad trial must not end the others)
+            if rank == 0:
+                sys.stderr.write(f"error: {exn}\n")
+            raise SystemExit(2) from None
         raise
     if trainer.interrupted:
         log.warning("stopped by %s after saving the checkpoint of step %d: exit code %d (not finished); "
