@@ -25,6 +25,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoRATowerConfig:
+    rank: int = 0  # 0 = no adapters: the tower trains (or is locked) as configured
+    alpha: float = 16.0  # the update is (alpha / rank) * B @ A
+    dropout: float = 0.0  # on the adapter input of the MLP targets (attention adapters are weight-space)
+    targets: list[str] = field(default_factory=lambda: ["in_proj", "out_proj", "c_fc", "c_proj"])
+
+
+@dataclass
+class LoRAConfig:
+    image: LoRATowerConfig = field(default_factory=LoRATowerConfig)
+    text: LoRATowerConfig = field(default_factory=LoRATowerConfig)
+    train_logit_scale: bool = True  # with adapters: logit_scale / logit_bias train too
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING  # open_clip name | hf-hub:org/repo | local-dir:PATH
     pretrained: Optional[str] = None  # open_clip tag or a checkpoint file
@@ -37,6 +52,9 @@ class ModelConfig:
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = True
+    lock_image_steps: Optional[int] = None  # with lock_image: locked for the first N optimizer steps only
+    lock_text_steps: Optional[int] = None  # with lock_text: locked for the first N optimizer steps only
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     grad_checkpointing: bool = False
     compile: str = "none"  # none | model | step (gcl.model.speed)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager / eager to debug a compile problem)
@@ -102,6 +120,13 @@ class LossConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: Optional[float] = None  # null = no EMA; e.g. 0.999 (gcl.finetune.ema)
+    warmup_steps: int = 0  # the decay ramps linearly from 0 over this many updates
+    eval: bool = False  # in-loop eval also evaluates the EMA weights (metrics ema/<name>)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 0.2
@@ -112,6 +137,11 @@ class OptimConfig:
     fused: Optional[bool] = None
     grad_clip: Optional[float] = 1.0
     logit_scale_max: Optional[float] = 100.0  # clamp exp(logit_scale) <= this (never below a pretrained init)
+    layer_decay_image: Optional[float] = None  # layer-wise lr decay (gcl.optim): earlier blocks get lr * decay^k
+    layer_decay_text: Optional[float] = None
+    weight_decay_image: Optional[float] = None  # per-tower weight decay (null = weight_decay)
+    weight_decay_text: Optional[float] = None
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
 
 @dataclass
@@ -160,6 +190,22 @@ class LoggerConfig:
 
 
 @dataclass
+class SelectConfig:
+    split: str = "val"  # every eval task moves to this split (world/test -> world/val); held-out tasks are left out
+    suites: list[str] = field(default_factory=list)  # eval presets evaluated besides the run's own suite
+    domain_metric: str = MISSING
+    retention_metric: Optional[str] = None
+    max_retention_drop: float = 0.01  # relative: retention >= (1 - this) * the base's
+
+
+@dataclass
+class WiseConfig:
+    alpha: Optional[Any] = None  # null (off) | auto | a float in [0, 1]
+    alphas: str = "0:1:0.1"  # start:stop:step (inclusive) or a comma list
+    per_tower: bool = False
+
+
+@dataclass
 class ExportConfig:
     enabled: bool = True
     dir: str = "export"  # relative to the run dir unless absolute
@@ -167,6 +213,9 @@ class ExportConfig:
     push_to: Optional[str] = None
     private: bool = True
     overwrite: bool = True
+    ema: bool = False  # export the EMA weights (optim.ema) instead of the trained ones
+    select: SelectConfig = field(default_factory=SelectConfig)
+    wise: WiseConfig = field(default_factory=WiseConfig)
 
 
 @dataclass
@@ -451,6 +500,7 @@ def validate(cfg: DictConfig) -> None:
     if t.resume_changes not in RESUME_CHANGES:
         _fail("trainer.resume_changes", f"{t.resume_changes!r} is not one of {', '.join(RESUME_CHANGES)}")
     validate_optim(cfg.optim, cfg.sched)
+    validate_finetune(cfg)
 
 
 def validate_best_metric(name: str, eval_cfg: DictConfig) -> None:
@@ -488,3 +538,56 @@ def validate_optim(o: DictConfig, s: DictConfig) -> None:
         _fail("sched.min_lr_ratio", f"must be in [0, 1], got {s.min_lr_ratio}")
     if s.cooldown_steps < 0:
         _fail("sched.cooldown_steps", f"must be >= 0, got {s.cooldown_steps}")
+
+
+def validate_finetune(cfg: DictConfig) -> None:
+    """The robust fine-tuning settings: LoRA, unlock schedules, layer-wise decay, EMA, WiSE-FT."""
+    m, o, e = cfg.model, cfg.optim, cfg.export
+    from gcl.model.lora import TARGETS
+
+    for tower in ("image", "text"):
+        lock, steps, lora = m[f"lock_{tower}"], m[f"lock_{tower}_steps"], m.lora[tower]
+        if steps is not None and (not lock or steps < 1):
+            _fail(f"model.lock_{tower}_steps", f"{steps}: needs model.lock_{tower}=true and a value >= 1 "
+                  "(the number of optimizer steps the lock holds)")
+        if lora.rank < 0:
+            _fail(f"model.lora.{tower}.rank", f"must be >= 0 (0 = no adapters), got {lora.rank}")
+        if lora.rank == 0:
+            continue
+        if lock:
+            _fail(f"model.lora.{tower}.rank", f"adapters freeze the {tower} tower's weights themselves; drop "
+                  f"model.lock_{tower} (or set the rank to 0)")
+        if lora.alpha <= 0:
+            _fail(f"model.lora.{tower}.alpha", f"must be > 0, got {lora.alpha}")
+        if not 0 <= lora.dropout < 1:
+            _fail(f"model.lora.{tower}.dropout", f"must be in [0, 1), got {lora.dropout}")
+        bad = [x for x in lora.targets if x not in TARGETS]
+        if bad or not lora.targets:
+            _fail(f"model.lora.{tower}.targets", f"{list(lora.targets)}: choose from {list(TARGETS)}")
+    for tower in ("image", "text"):
+        d, wd = o[f"layer_decay_{tower}"], o[f"weight_decay_{tower}"]
+        if d is not None and not 0 < d <= 1:
+            _fail(f"optim.layer_decay_{tower}", f"must be in (0, 1] (null = off), got {d}")
+        if wd is not None and wd < 0:
+            _fail(f"optim.weight_decay_{tower}", f"must be >= 0, got {wd}")
+    if o.ema.decay is not None and not 0 < o.ema.decay < 1:
+        _fail("optim.ema.decay", f"must be in (0, 1) (null = off), got {o.ema.decay}")
+    if o.ema.warmup_steps < 0:
+        _fail("optim.ema.warmup_steps", f"must be >= 0, got {o.ema.warmup_steps}")
+    if o.ema.decay is None and (o.ema.eval or e.ema):
+        _fail("optim.ema.decay" if o.ema.eval else "export.ema", "needs an EMA: set optim.ema.decay (e.g. 0.999)")
+    if e.select.max_retention_drop < 0:
+        _fail("export.select.max_retention_drop", f"must be >= 0, got {e.select.max_retention_drop}")
+    if e.wise.alpha is not None:
+        from gcl.finetune.select import parse_alpha, parse_alphas
+
+        try:
+            parse_alpha(e.wise.alpha)
+            parse_alphas(e.wise.alphas)
+        except ValueError as exn:
+            raise ConfigError(str(exn)) from exn
+        if not e.enabled:
+            _fail("export.wise.alpha", "exports the interpolated model: needs export.enabled=true")
+        if not m.pretrained and not str(m.name).startswith(("hf-hub:", "local-dir:")):
+            _fail("export.wise.alpha", "WiSE-FT interpolates towards the pretrained base, and this run starts from "
+                  "random weights (model.pretrained=null); set model.pretrained, or export.wise.alpha=null")

@@ -3,11 +3,13 @@
 Usage::
 
     python -m gcl.export CHECKPOINT OUT_DIR [--which latest|best] [--push-to ORG/NAME [--private]]
-                                           [--overwrite] [--pretrained TAG] [--license ID]
+                                           [--overwrite] [--pretrained TAG] [--license ID] [--ema]
 
 ``CHECKPOINT`` is a run dir (its latest or best checkpoint), a checkpoint file written by the trainer, or an
 open_clip model to re-export: ``hf-hub:ORG/NAME``, ``local-dir:PATH``, ``NAME:PRETRAINED_TAG`` or ``NAME`` with
-``--pretrained TAG_OR_FILE``.
+``--pretrained TAG_OR_FILE``. A run's LoRA adapters are merged into plain open_clip weights; ``--ema`` exports
+its moving average of the weights (``optim.ema``) instead of the trained ones. :func:`write_export` writes
+any weights (WiSE-FT interpolations, soups: :mod:`gcl.finetune`).
 
 ``OUT_DIR`` gets exactly what ``open_clip.create_model_and_transforms('local-dir:OUT_DIR')`` and
 ``open_clip.get_tokenizer('local-dir:OUT_DIR')`` read (the same layout ``hf-hub:`` reads after a push):
@@ -90,6 +92,7 @@ class ExportSource:
     checkpoint_file: Path | None = None
     tokenizer: Any = None
     card: str | None = None  # the model card of a re-exported folder, kept (with new load lines)
+    weights_note: str | None = None  # how the weights were made when not plainly trained (EMA, WiSE-FT, soup)
 
 
 # ------------------------------------------------------------------------------------------- sources
@@ -120,10 +123,16 @@ def _strip_wrappers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_training_checkpoint(path: str | os.PathLike, which: str = "latest") -> ExportSource:
-    """Read a run dir or a trainer checkpoint file into an :class:`ExportSource`."""
+def load_training_checkpoint(path: str | os.PathLike, which: str = "latest", weights: str = "model") -> ExportSource:
+    """Read a run dir or a trainer checkpoint file into an :class:`ExportSource`.
+
+    ``weights``: ``model`` (the trained weights) or ``ema`` (their moving average, ``optim.ema``). LoRA
+    adapters are merged into plain open_clip weights either way.
+    """
     if which not in ("latest", "best"):
         raise ExportError(f"--which must be latest or best, got {which!r}")
+    if weights not in ("model", "ema"):
+        raise ExportError(f"weights must be model or ema, got {weights!r}")
     p = Path(path)
     if which == "best" and p.is_dir():
         ck = p / "checkpoints" if (p / "checkpoints").is_dir() else p
@@ -150,11 +159,23 @@ def load_training_checkpoint(path: str | os.PathLike, which: str = "latest") -> 
     config_yaml = state.get("config")
     if not config_yaml and run_dir is not None and (run_dir / ".hydra" / "config.yaml").is_file():
         config_yaml = (run_dir / ".hydra" / "config.yaml").read_text()
+    from gcl.model.lora import merge_lora_state_dict
+
+    sd, note = _strip_wrappers(state["model"]), None
+    if weights == "ema":
+        if not state.get("ema"):
+            raise ExportError(f"{ckpt_file} holds no EMA weights: the run was trained without optim.ema.decay; "
+                              "export its trained weights (no --ema / export.ema=false)")
+        from gcl.finetune.ema import ema_state_dict
+
+        sd = ema_state_dict(_strip_wrappers(state["ema"]["shadow"]), sd)
+        note = (f"exponential moving average of the weights (decay {state['ema']['decay']}, "
+                f"{state['ema']['num_updates']} updates)")
     return ExportSource(
-        state_dict=_strip_wrappers(state["model"]), model_cfg=copy.deepcopy(dict(info["model_cfg"])),
+        state_dict=merge_lora_state_dict(sd), model_cfg=copy.deepcopy(dict(info["model_cfg"])),
         preprocess_cfg=dict(info.get("preprocess_cfg") or {}), name=info["name"],
         pretrained=info.get("pretrained"), config_path=info.get("config_path"), step=state.get("step"),
-        config_yaml=config_yaml, run_dir=run_dir, checkpoint_file=ckpt_file)
+        config_yaml=config_yaml, run_dir=run_dir, checkpoint_file=ckpt_file, weights_note=note)
 
 
 def load_open_clip_model(ref: str, pretrained: str | None = None) -> ExportSource:
@@ -421,6 +442,8 @@ def model_card(src: ExportSource, cfg: dict[str, Any], *, metrics: dict[str, Any
         body.append(f"- Logit bias: {float(src.state_dict['logit_bias'].float().flatten()[0]):.4f}")
     if src.step is not None:
         body.append(f"- Training steps: {src.step}")
+    if src.weights_note:
+        body.append(f"- Weights: {src.weights_note}")
     body += ["", "## Training objective", "", *_loss_section(loss if isinstance(loss, dict) else None),
              "", "## Data", "", *_data_section(train_cfg.get("data") if isinstance(train_cfg.get("data"), dict)
                                                  else None), "", "## Evaluation", ""]
@@ -625,7 +648,7 @@ def push_folder(api: Any, folder: Path, repo_id: str, *, private: bool,
 def export_model(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, which: str = "latest",
                  overwrite: bool = False, push_to: str | None = None, private: bool = True,
                  metrics: dict[str, Any] | None = None, pretrained: str | None = None,
-                 license: str = "apache-2.0", verify: bool = True) -> Path:
+                 license: str = "apache-2.0", verify: bool = True, weights: str = "model") -> Path:
     """Export ``checkpoint`` as an OpenCLIP Hub folder at ``out_dir``; optionally push it to ``push_to``.
 
     Args:
@@ -644,28 +667,45 @@ def export_model(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, w
         license: the card's license id.
         verify: load the folder back with open_clip and compare every tensor and the tokenizer before
             committing it (recommended; costs one model build).
+        weights: ``model`` or ``ema`` (a run's moving average of the weights, ``optim.ema``).
 
     Returns:
         The export folder (``out_dir``).
     """
-    out = Path(out_dir)
     api = hub_preflight(push_to)[0] if push_to else None
     ref = str(checkpoint)
     if Path(ref).is_dir() and (Path(ref) / CONFIG_NAME).is_file():
         ref = f"local-dir:{ref}"  # an existing export (or any open_clip folder): re-export it
     if is_model_ref(ref, pretrained):
+        if weights != "model":
+            raise ExportError(f"--ema needs a run dir or a training checkpoint, not the open_clip model {ref!r}")
         src = load_open_clip_model(ref, pretrained)
     elif Path(ref).exists():
-        src = load_training_checkpoint(ref, which)
+        src = load_training_checkpoint(ref, which, weights)
     else:
         raise ExportError(f"{ref!r} is neither an existing run dir/checkpoint file nor an open_clip model "
                           "reference; pass a run dir, a checkpoint file, hf-hub:ORG/NAME, local-dir:PATH, "
                           "NAME:PRETRAINED_TAG or NAME --pretrained TAG_OR_FILE")
-    _check_out_dir(out, overwrite, [p for p in (src.run_dir, src.checkpoint_file) if p is not None])
     metrics_step: int | None = src.step
     if metrics is None:
         metrics, metrics_step = latest_metrics(src.run_dir, src.step)
+        if src.weights_note:
+            metrics = None  # the run's evaluations scored its trained weights, not these
+    return write_export(src, out_dir, overwrite=overwrite, push_to=push_to, metrics=metrics,
+                        metrics_step=metrics_step, license=license, verify=verify, api=api, private=private)
 
+
+def write_export(src: ExportSource, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                 push_to: str | None = None, private: bool = True, metrics: dict[str, Any] | None = None,
+                 metrics_step: int | None = None, license: str = "apache-2.0", verify: bool = True,
+                 api: Any = None) -> Path:
+    """Write ``src`` (any weights: a checkpoint's, an interpolation, a soup) as an open_clip folder at
+    ``out_dir``: built in a hidden temp dir, verified with open_clip, then renamed into place; pushed to
+    ``push_to`` when given (``api`` from :func:`hub_preflight`, made here when None)."""
+    out = Path(out_dir)
+    if push_to and api is None:
+        api = hub_preflight(push_to)[0]
+    _check_out_dir(out, overwrite, [p for p in (src.run_dir, src.checkpoint_file) if p is not None])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # a crashed export of this pid; never visible as OUT_DIR
@@ -718,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a previous export in OUT_DIR")
     p.add_argument("--license", default="apache-2.0", help="license id for the model card header")
     p.add_argument("--no-verify", action="store_true", help="skip loading the export back for a check")
+    p.add_argument("--ema", action="store_true", help="export the run's EMA weights (trained with optim.ema.decay)")
     return p
 
 
@@ -732,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export_model(args.checkpoint, args.out_dir, which=args.which, overwrite=args.overwrite,
                            push_to=args.push_to, private=args.private, pretrained=args.pretrained,
-                           license=args.license, verify=not args.no_verify)
+                           license=args.license, verify=not args.no_verify,
+                           weights="ema" if args.ema else "model")
     except (ExportError, FileNotFoundError, ValueError, WeightsUnavailableError) as e:
         log.error("%s", e)
         return 1

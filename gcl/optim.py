@@ -1,4 +1,5 @@
-"""Optimizer (AdamW with parameter groups) and learning-rate schedules (groups ``optim`` and ``sched``)."""
+"""Optimizer (AdamW with parameter groups: tower lr, layer-wise lr decay, per-tower weight decay) and
+learning-rate schedules (groups ``optim`` and ``sched``). The EMA of the weights is :mod:`gcl.finetune.ema`."""
 from __future__ import annotations
 
 import logging
@@ -27,6 +28,21 @@ def _tower(name: str) -> str:
     return "text"
 
 
+def layer_scales(model: nn.Module, tower: str, decay: float) -> dict[str, tuple[int, float]]:
+    """``{parameter name: (depth, lr multiplier)}`` of ``tower`` under layer-wise lr decay ``decay``.
+
+    The last block gets the tower's lr (multiplier 1) and each earlier block ``decay`` times the block after
+    it: block ``i`` of ``L`` gets ``decay ** (L - 1 - i)``; the embeddings (before block 0) ``decay ** L``;
+    what follows the last block (final norm, projection) 1. Depths from :func:`gcl.model.towers.layer_depths`.
+    """
+    from gcl.model.towers import layer_depths
+
+    if not 0 < decay <= 1:
+        raise ValueError(f"optim.layer_decay_{tower} must be in (0, 1], got {decay}")
+    depths, n = layer_depths(model, tower, f"optim.layer_decay_{tower}")
+    return {name: (d, decay ** max(0, n - d)) for name, d in depths.items()}
+
+
 def build_optimizer(
     model: nn.Module,
     *,
@@ -37,27 +53,45 @@ def build_optimizer(
     lr_image: float | None = None,
     lr_text: float | None = None,
     fused: bool | None = None,
+    layer_decay_image: float | None = None,
+    layer_decay_text: float | None = None,
+    weight_decay_image: float | None = None,
+    weight_decay_text: float | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, grouped by (tower, decay).
+    """AdamW over the trainable parameters, grouped by (tower, depth, decay).
 
     Groups without decay: parameters with ndim < 2, biases, logit_scale/logit_bias, positional/class
     embeddings. ``lr_image``/``lr_text`` override ``lr`` for the image (``visual.*``) and text towers;
-    logit_scale/bias use ``lr``. ``fused=None`` picks the fused kernel when every parameter is on CUDA or CPU.
+    logit_scale/bias use ``lr``. ``layer_decay_<tower>`` splits a tower into one group per depth with the lr
+    multipliers of :func:`layer_scales` (groups named ``<tower>/layer<depth>[_no_decay]``).
+    ``weight_decay_<tower>`` overrides ``weight_decay`` for a tower. ``fused=None`` picks the fused kernel
+    when every parameter is on CUDA or CPU.
     """
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    scales = {}
+    for tower, decay in (("image", layer_decay_image), ("text", layer_decay_text)):
+        if decay is not None:
+            scales.update(layer_scales(model, tower, decay))
+    groups: dict[tuple[str, int, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        groups.setdefault((_tower(name), _no_decay(name, p)), []).append(p)
+        # the key holds minus the depth, so a tower's groups sort from its head down to its embeddings (the
+        # first group has the tower's lr); 1 for a tower without layer-wise decay
+        depth = -scales[name][0] if name in scales else 1
+        groups.setdefault((_tower(name), depth, _no_decay(name, p)), []).append(p)
     if not groups:
         raise ValueError("no trainable parameters: every tower is locked (check model.lock_image/lock_text)")
     tower_lr = {"image": lr if lr_image is None else lr_image, "text": lr if lr_text is None else lr_text,
                 "scale": lr}
-    param_groups = [
-        {"params": ps, "lr": tower_lr[tower], "weight_decay": 0.0 if nd else weight_decay,
-         "name": f"{tower}{'_no_decay' if nd else ''}"}
-        for (tower, nd), ps in sorted(groups.items())
-    ]
+    tower_wd = {"image": weight_decay if weight_decay_image is None else weight_decay_image,
+                "text": weight_decay if weight_decay_text is None else weight_decay_text, "scale": weight_decay}
+    mult = {(_tower(n), -d): m for n, (d, m) in scales.items()}
+    param_groups = []
+    for (tower, depth, nd), ps in sorted(groups.items()):
+        layer = f"/layer{-depth}" if depth <= 0 else ""
+        param_groups.append({"params": ps, "lr": tower_lr[tower] * mult.get((tower, depth), 1.0),
+                             "weight_decay": 0.0 if nd else tower_wd[tower],
+                             "name": f"{tower}{layer}{'_no_decay' if nd else ''}"})
     if fused is None:
         # one fused kernel per step on CUDA and CPU (torch >= 2.4 has a fused CPU AdamW); not on MPS/XLA
         fused = all(p.device.type in ("cuda", "cpu") for g in param_groups for p in g["params"])

@@ -183,10 +183,14 @@ class Trainer:
             channels_last=m.channels_last, patch_dropout=m.patch_dropout, text_packing=m.text_packing,
             logit_bias_init=(m.logit_bias_init if m.logit_bias_init is not None else -10.0)
             if cfg.loss.kind == "siglip" else None,
-            cache_dir=m.cache_dir)
+            cache_dir=m.cache_dir, lora=OmegaConf.to_container(m.lora, resolve=True))
         compile_loss(self.loss_fn, m.compile, m.compile_backend)
         model = self.bundle.model
         self.model = model
+        from gcl.model import UnlockSchedule
+
+        self.unlock = UnlockSchedule.from_model(model, {"image": m.lock_image_steps if m.lock_image else None,
+                                                        "text": m.lock_text_steps if m.lock_text else None})
         self.fields = sorted(self.loss_fn.fields)
         encoder = self.bundle.field_encoder()
         # exp(logit_scale) is clamped to logit_scale_max, but never below a pretrained scale (SigLIP ~ 110).
@@ -206,13 +210,21 @@ class Trainer:
         cfg, acc, model = self.cfg, self.accelerator, self.model
         t = cfg.trainer
         o = cfg.optim
-        optimizer = build_optimizer(model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
-                                    lr_image=o.lr_image, lr_text=o.lr_text, fused=o.fused)
+        # the optimizer holds the parameters of scheduled unlocks from the start (gcl.model.towers.UnlockSchedule)
+        with self.unlock.all_unlocked() if self.unlock is not None else contextlib.nullcontext():
+            optimizer = build_optimizer(
+                model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps, lr_image=o.lr_image,
+                lr_text=o.lr_text, fused=o.fused, layer_decay_image=o.layer_decay_image,
+                layer_decay_text=o.layer_decay_text, weight_decay_image=o.weight_decay_image,
+                weight_decay_text=o.weight_decay_text)
         s = cfg.sched
         self.scheduler = build_scheduler(optimizer, name=s.name, warmup_steps=s.warmup_steps,
                                          total_steps=t.max_steps, min_lr_ratio=s.min_lr_ratio,
                                          cooldown_steps=s.cooldown_steps)
         self.forward_module, self.optimizer = acc.prepare(_Forward(encoder, model, self.fields), optimizer)
+        from gcl.finetune.ema import build_ema
+
+        self.ema = build_ema(model, o.ema.decay, o.ema.warmup_steps)
 
     def _build_data(self) -> None:
         """The splits and this rank's resumable training stream."""
@@ -301,6 +313,7 @@ class Trainer:
             "per_rank": per_rank,
             "counters": {"nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak},
             "best": self.best,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             "wandb_id": self.wandb_id,
         }
@@ -335,6 +348,7 @@ class Trainer:
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and state["scaler"] is not None:
             scaler.load_state_dict(state["scaler"])
+        self._resume_ema(state.get("ema"))
         self.step = step
         self.nonfinite_total = state["counters"]["nonfinite_total"]
         self.nonfinite_streak = state["counters"]["nonfinite_streak"]
@@ -352,6 +366,33 @@ class Trainer:
         self.wandb_id = state.get("wandb_id") or self.wandb_id
         self._record_launch()
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _resume_ema(self, saved: dict[str, Any] | None) -> None:
+        if self.ema is None:
+            return
+        if saved:
+            self.ema.load_state_dict(saved)
+        else:
+            from gcl.finetune.ema import build_ema
+
+            log.warning("optim.ema: the checkpoint has no EMA (trained without it); it starts from the resumed weights")
+            self.ema = build_ema(self.model, self.cfg.optim.ema.decay, self.cfg.optim.ema.warmup_steps)
+
+    def _apply_unlock(self) -> None:
+        """Lift the tower locks whose step has come (``model.lock_<tower>_steps``); with DDP the wrapper is
+        rebuilt, since its reducer only knows the parameters that required gradients when it was built."""
+        changed = self.unlock.apply(self.step) if self.unlock is not None else []
+        if not changed:
+            return
+        log.info("step %d: the %s tower%s train from now on", self.step, " and ".join(changed),
+                 "s" if len(changed) > 1 else "")
+        self.flops.flops_per_step = None  # a step now also runs that tower's backward: counted again (every rank)
+        acc = self.accelerator
+        if self.world_size > 1:
+            old, plain = self.forward_module, acc.unwrap_model(self.forward_module)
+            acc._models = [x for x in acc._models if x is not old]  # drop the old DDP (its hooks go with it)
+            del old
+            self.forward_module = acc.prepare_model(plain)
 
     def _checkpoint_to_resume(self) -> tuple[Path, dict[str, Any]] | None:
         """``(file, state)`` to resume from, or None to start at step 0. Rank 0 decides (the newest intact
@@ -485,6 +526,8 @@ class Trainer:
             if grad_clip:
                 metrics["grad_norm"] = acc.clip_grad_norm_(params, grad_clip).detach()
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
             self.nonfinite_streak = 0
         else:
             self.optimizer.zero_grad(set_to_none=True)
@@ -506,6 +549,12 @@ class Trainer:
         try:
             metrics = self.evaluator(model.encoder, self.bundle, step=self.step, out_dir=self.run_dir / "eval",
                                      rank=self.rank, world_size=self.world_size, device=self.accelerator.device)
+            if self.ema is not None and self.cfg.optim.ema.eval:
+                with self.ema.applied():
+                    ema = self.evaluator(model.encoder, self.bundle, step=self.step,
+                                         out_dir=self.run_dir / "eval" / "ema", rank=self.rank,
+                                         world_size=self.world_size, device=self.accelerator.device)
+                metrics.update({f"ema/{k}": v for k, v in ema.items()})
         finally:
             model.train(was_training)
         self.last_eval = metrics
@@ -550,6 +599,7 @@ class Trainer:
             t_start = time.perf_counter()
             while self.step < t.max_steps:
                 batch = to_device(next(data), acc.device)
+                self._apply_unlock()
                 out = self.flops.run(self.train_step, batch)
                 self.step += 1
                 self._count_rows(out)
@@ -658,8 +708,15 @@ class Trainer:
         out = Path(e.dir) if os.path.isabs(e.dir) else self.run_dir / e.dir
         # a "best" export takes its metrics from the eval of that step (export reads eval/), not the last one
         metrics = (self.last_eval or None) if e.which == "latest" else None
-        path = export_model(self.run_dir, out, which=e.which, overwrite=e.overwrite, push_to=e.push_to,
-                            private=e.private, metrics=metrics)
+        weights = "ema" if e.ema else "model"
+        if e.wise.alpha is not None:  # the export is the WiSE-FT interpolation (gcl.finetune.wise)
+            from gcl.finetune.wise import wise_after_training
+
+            path = wise_after_training(self.run_dir, out, e, which=e.which, weights=weights,
+                                       device=self.accelerator.device)
+        else:
+            path = export_model(self.run_dir, out, which=e.which, overwrite=e.overwrite, push_to=e.push_to,
+                                private=e.private, metrics=metrics, weights=weights)
         if self.remote is not None:
             self.remote.push_dir(path, "export")
         log.info("exported model to %s; load it with:\n  import open_clip\n  model, _, preprocess = "

@@ -16,7 +16,8 @@ This module holds only :class:`ModelBundle` and :func:`build_model`, the sequenc
 lives with its concern, and every public name is re-exported here (import from ``gcl.model``):
 
 * :mod:`gcl.model.weights`: names, weights files, the Hub and offline handling, config registration, tokenizer;
-* :mod:`gcl.model.towers`: tower locking;
+* :mod:`gcl.model.towers`: tower structure, locking, unlock schedules;
+* :mod:`gcl.model.lora`: LoRA adapters and merging them into plain weights;
 * :mod:`gcl.model.packing`: native text-tower views, length buckets, prefix-shared packing, their forwards;
 * :mod:`gcl.model.encoder`: :class:`FieldEncoder` and the build-time real-length / packing check;
 * :mod:`gcl.model.speed`: speed settings (torch.compile, attention kernels, channels_last, patch dropout).
@@ -36,6 +37,7 @@ from torch import nn
 
 from gcl.config import ATTENTION, COMPILE, TEXT_PACKING
 from gcl.model.encoder import IMAGE, FieldEncoder, choose_text_encoding, verify_real_length
+from gcl.model.lora import apply_lora_config, merge_lora_state_dict
 from gcl.model.packing import (
     PASS_OVERHEAD_TOKENS,
     PackPlan,
@@ -44,7 +46,7 @@ from gcl.model.packing import (
     real_length_structure,
 )
 from gcl.model.speed import compile_towers, set_patch_dropout, to_channels_last
-from gcl.model.towers import lock_towers
+from gcl.model.towers import UnlockSchedule, lock_towers
 from gcl.model.weights import (
     HF_CONFIG,
     HF_SAFE_WEIGHTS,
@@ -60,8 +62,9 @@ from gcl.model.weights import (
 
 __all__ = [
     "HF_CONFIG", "HF_SAFE_WEIGHTS", "HF_WEIGHTS", "IMAGE", "PACKAGE_CONFIG_DIR", "PASS_OVERHEAD_TOKENS",
-    "PRECISIONS", "FieldEncoder", "ModelBundle", "PackPlan", "WeightsUnavailableError", "build_model",
-    "load_weights_file", "lock_towers", "plan_length_buckets", "plan_prefix_packing", "read_state_dict",
+    "PRECISIONS", "FieldEncoder", "ModelBundle", "PackPlan", "UnlockSchedule", "WeightsUnavailableError",
+    "build_model", "load_weights_file", "lock_towers", "merge_lora_state_dict", "plan_length_buckets",
+    "plan_prefix_packing", "read_state_dict",
     "real_length_structure", "register_model_config", "tokenizer_pad_id", "verify_real_length",
 ]
 
@@ -138,7 +141,7 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
                 grad_checkpointing: bool = False, compile: str = "none", compile_backend: str = "inductor",
                 attention: str = "auto", channels_last: bool = False, patch_dropout: float = 0.0,
                 logit_bias_init: float | None = None, cache_dir: str | None = None,
-                text_packing: str = "auto") -> ModelBundle:
+                text_packing: str = "auto", lora: dict | None = None) -> ModelBundle:
     """Build an open_clip model with its transforms and tokenizer, ready for GCL fine-tuning.
 
     Args:
@@ -164,6 +167,9 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
         text_packing: ``auto`` (prefix-shared packing when the text tower supports it and a probe confirms it
             matches ``encode_text``, else length buckets), ``prefix`` (required; error otherwise), or
             ``buckets``. See :class:`FieldEncoder`.
+        lora: the ``model.lora`` mapping (per-tower rank, alpha, dropout, targets; ``train_logit_scale``):
+            adapters on the towers with rank > 0, whose other parameters are then frozen
+            (:mod:`gcl.model.lora`). None = no adapters.
 
     Raises:
         WeightsUnavailableError: weights not cached and not downloadable (offline) - at once, before any
@@ -178,6 +184,8 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
                 lock_image_freeze_bn=lock_image_freeze_bn, lock_text=lock_text,
                 lock_text_unlocked_layers=lock_text_unlocked_layers,
                 lock_text_freeze_layer_norm=lock_text_freeze_layer_norm)
+    if lora is not None:
+        apply_lora_config(model, lora)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     set_patch_dropout(model, patch_dropout)

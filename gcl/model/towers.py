@@ -1,17 +1,123 @@
-"""Which tower parameters train: LiT-style locking of the image and text towers.
+"""Which tower parameters train, and when: tower structure, locks, unlock schedules.
 
 Lives here: :func:`lock_towers` (open_clip's image-tower lock; a text-tower lock that also handles the CLIP
-class, CustomTextCLIP and HF text towers, with a trainable-LayerNorm option). Parameter-efficient and
-scheduled fine-tuning of the towers (LoRA, gradual unfreezing) belong here too.
+class, CustomTextCLIP and HF text towers, with a trainable-LayerNorm option); :class:`UnlockSchedule` (a lock
+that lifts after N optimizer steps: LP-FT / LiT-then-fine-tune); :func:`tower_parameters`,
+:func:`tower_transformer` and :func:`layer_depths` (which parameter belongs to which tower and block, for
+LoRA and layer-wise lr decay).
 
-Not here: the optimizer's parameter groups (:mod:`gcl.optim`), building the model (:mod:`gcl.model`).
+Not here: LoRA adapters (:mod:`gcl.model.lora`), patch dropout (:mod:`gcl.model.speed`), the optimizer's
+parameter groups (:mod:`gcl.optim`),
+building the model (:mod:`gcl.model`).
 """
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from typing import Any
 
-from open_clip.transformer import TextTransformer
+from open_clip.transformer import TextTransformer, Transformer
 from torch import nn
+
+TOWERS = ("image", "text")
+# Parameters before the first block, per tower (relative to the tower's root): depth 0 for layer-wise decay.
+_EMBEDDINGS = {"image": ("conv1", "class_embedding", "positional_embedding", "ln_pre"),
+               "text": ("token_embedding", "positional_embedding", "cls_emb")}
+_BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.")
+
+
+def tower_parameters(model: nn.Module, tower: str) -> list[tuple[str, nn.Parameter]]:
+    """Every parameter of ``tower``: ``visual.*`` for image; for text every other one but logit_scale/bias."""
+    if tower not in TOWERS:
+        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+    return [(n, p) for n, p in model.named_parameters()
+            if n not in ("logit_scale", "logit_bias") and n.startswith("visual.") == (tower == "image")]
+
+
+def tower_transformer(model: nn.Module, tower: str, key: str) -> tuple[Transformer, str]:
+    """``(transformer, root prefix)`` of an open_clip native tower; ``key`` names the setting in the error."""
+    if tower == "image":
+        root, prefix = getattr(model, "visual", None), "visual."
+    else:
+        text = getattr(model, "text", None)
+        root, prefix = (text, "text.") if text is not None else (model, "")
+    t = getattr(root, "transformer", None)
+    if not isinstance(t, Transformer):
+        raise NotImplementedError(
+            f"{key}: the {tower} tower of {type(model).__name__} ({type(root).__name__}) is not an open_clip "
+            "Transformer tower (timm and Hugging Face towers name their blocks differently); turn the setting off")
+    return t, prefix
+
+
+def layer_depths(model: nn.Module, tower: str, key: str) -> tuple[dict[str, int], int]:
+    """``({parameter name: depth}, n_blocks)`` for ``tower``: depth 0 = embeddings (before the blocks),
+    ``i + 1`` = block i, ``n_blocks + 1`` = everything after the last block (final norm, projection)."""
+    transformer, prefix = tower_transformer(model, tower, key)
+    n = len(transformer.resblocks)
+    depths = {}
+    for name, _ in tower_parameters(model, tower):
+        rel = name[len(prefix):]
+        m = _BLOCK.match(rel)
+        if m:
+            depths[name] = int(m.group(1)) + 1
+        elif rel.split(".")[0] in _EMBEDDINGS[tower]:
+            depths[name] = 0
+        else:
+            depths[name] = n + 1
+    return depths, n
+
+
+class UnlockSchedule:
+    """Tower parameters a lock froze at build that train from a given optimizer step on.
+
+    The optimizer must hold them from the start, so its parameter groups (and a checkpoint's optimizer state)
+    never change shape: build it inside :meth:`all_unlocked`. While locked they get no gradient, and AdamW
+    skips parameters without one (no moment update, no weight decay), so they stay exactly as built.
+    :meth:`apply` at the start of every step (and after a resume) sets ``requires_grad`` from the step alone,
+    which is what makes resume exact on either side of the switch.
+    """
+
+    def __init__(self, entries: list[tuple[str, str, nn.Parameter, int]]) -> None:
+        self.entries = entries  # (tower, name, parameter, first trainable step)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, steps: dict[str, int | None]) -> UnlockSchedule | None:
+        """The schedule for ``{tower: steps or None}``: the tower's currently frozen parameters unlock at step
+        ``steps``. None when no tower has a schedule."""
+        entries = []
+        for tower, at in steps.items():
+            if at is None:
+                continue
+            frozen = [(n, p) for n, p in tower_parameters(model, tower) if not p.requires_grad]
+            if not frozen:
+                raise ValueError(f"model.lock_{tower}_steps={at}: nothing of the {tower} tower is locked "
+                                 f"(set model.lock_{tower}=true)")
+            entries += [(tower, n, p, int(at)) for n, p in frozen]
+        return cls(entries) if entries else None
+
+    def apply(self, step: int) -> list[str]:
+        """Set ``requires_grad`` for optimizer step ``step`` (0-based); returns the towers that changed."""
+        changed = []
+        for tower, _, p, at in self.entries:
+            trainable = step >= at
+            if p.requires_grad != trainable:
+                p.requires_grad = trainable
+                if tower not in changed:
+                    changed.append(tower)
+        return changed
+
+    @contextlib.contextmanager
+    def all_unlocked(self) -> Iterator[None]:
+        """Every scheduled parameter trainable for the duration (to build the optimizer over all of them)."""
+        before = [p.requires_grad for _, _, p, _ in self.entries]
+        for _, _, p, _ in self.entries:
+            p.requires_grad = True
+        try:
+            yield
+        finally:
+            for (_, _, p, _), rg in zip(self.entries, before):
+                p.requires_grad = rg
 
 
 def _text_root_and_params(model: nn.Module) -> tuple[nn.Module | None, list[tuple[str, Any]]]:

@@ -29,6 +29,8 @@ import torch
 from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
 from torch import Tensor, nn
 
+from gcl.model.lora import merge_lora_state_dict
+
 log = logging.getLogger(__name__)
 
 # Package data (pyproject's package-data): gcl/model_configs/*.json, beside this package, not in it.
@@ -255,7 +257,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a weights file into a plain ``{name: tensor}`` dict.
 
     Accepts ``.safetensors``, a torch state dict, or a training checkpoint holding one under ``state_dict``
-    (open_clip's trainer) or ``model``; strips DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes.
+    (open_clip's trainer) or ``model``; strips DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes and
+    merges LoRA adapters (:func:`gcl.model.lora.merge_lora_state_dict`).
     Loads with ``weights_only=True``.
     """
     path = str(path)
@@ -282,7 +285,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         out[k.replace("_orig_mod.", "")] = v
     if not out:
         raise ValueError(f"{path} holds no tensors")
-    return out
+    return merge_lora_state_dict(out)  # a gcl checkpoint of a LoRA run: its plain (merged) weights
 
 
 def load_weights_file(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
