@@ -117,11 +117,14 @@ def _patch_dropout_model(tmp_path: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_sigkill_resume_equals_uninterrupted(tmp_path, catalog_cache):
-    """Kill -9 a run mid-epoch between checkpoints; resume=auto ends with the uninterrupted run's weights, with
-    2 loader workers and a model that draws random numbers in its forward (patch dropout): the DataLoader
-    must not draw from the restored global generator (issue 12.3)."""
+    """Kill -9 a run mid-epoch between checkpoints; resume=auto ends with the uninterrupted run's weights and
+    EMA, with 2 loader workers and a model that draws random numbers in its forward (patch dropout): the
+    DataLoader must not draw from the restored global generator (issue 12.3). The image tower is locked until
+    step 5, so the resume from step 3 crosses the unlock (with layer-wise decay on it); LoRA, and resumes right
+    before / at / after the switch: tests/test_robust_train.py."""
     args = ["trainer.max_steps=9", "trainer.save_every=3", "data.num_workers=2", "data.batch_size=8",
-            "sched.warmup_steps=2", *_patch_dropout_model(tmp_path)]
+            "sched.warmup_steps=2", *_patch_dropout_model(tmp_path), "optim.ema.decay=0.9",
+            "model.lock_image=true", "model.lock_image_steps=5", "optim.layer_decay_image=0.8"]
     ref = tmp_path / "ref"
     _cli(ref, catalog_cache, *args)
 
@@ -146,6 +149,8 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path, catalog_cache):
     assert a.keys() == b.keys()
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert diff <= 1e-6, diff
+    ea, eb = (load_checkpoint(find_checkpoint(r))["ema"]["shadow"] for r in (ref, run))
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
     # and the run did move: the weights differ from the initial ones
     assert load_checkpoint(find_checkpoint(ref))["step"] == 9
     # the steps logged after the checkpoint and before the kill are not in metrics.jsonl twice
