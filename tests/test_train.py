@@ -191,21 +191,24 @@ def test_multirun_two_jobs(tmp_path, catalog_cache):
 @pytest.mark.dist
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, catalog_cache):
-    """torchrun --nproc_per_node=2 (gloo, CPU): world size 2 logged, and step 1 equals one process on the same
-    global batch (loss and updated weights). The data is two shards of 8, one global batch: an exact epoch
-    gives rank 0 the first shard of the epoch's order and rank 1 the second, the one process both in turn."""
+    """torchrun --nproc_per_node=2 (gloo, CPU): world size 2 logged, and steps 1 and 2 equal one process on the
+    same global batches (loss and updated weights). The data is two shards of 8, one global batch per epoch: an
+    exact epoch gives rank 0 the first shard of the epoch's order and rank 1 the second, the one process both
+    in turn. The image tower is locked for step 1 and trains in step 2: DDP, built when it was locked, must be
+    rebuilt for its gradients to be averaged (without that the ranks' image towers drift apart)."""
     from gcl.data.synthetic import generate_catalog
 
     meta = generate_catalog(tmp_path / "cat", products=120, seed=3, image_size=32, per_shard=8)
     pattern = str(Path(meta["splits"]["train"]["pattern"]).parent / "shard-{000000..000001}.tar")
     common = [f"data.train_shards='{pattern}'", "data.shuffle_buffer=0", "data.augment=false",
-              "trainer.max_steps=1", "eval=none", "loss=seven_field"]
+              "trainer.max_steps=2", "eval=none", "loss=seven_field", "model.lock_image=true",
+              "model.lock_image_steps=1"]
     one = tmp_path / "one"
     _cli(one, catalog_cache, *common, "data.batch_size=16")
     two = tmp_path / "two"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
           *FAST, f"data.synthetic.cache_dir={catalog_cache}", f"hydra.run.dir={two}", *common, "data.batch_size=8"])
-    (row1,), (row2,) = _metrics(one), _metrics(two)
+    (_, row1), (_, row2) = _metrics(one), _metrics(two)
     assert row1["world_size"] == 1 and row2["world_size"] == 2
     assert abs(row1["loss"] - row2["loss"]) <= 1e-5, (row1["loss"], row2["loss"])
     for k in row1:
