@@ -67,3 +67,32 @@ def test_study_quick_end_to_end(tmp_path, catalog_cache):
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "table.md").read_text().count("|") > 20
     # the curves come from in-loop evaluation on the val split
     assert all(len(c["synthetic/avg/text2image/recall@10"]) >= 2 for c in raw["curves"]["seven_field"])
+
+
+@pytest.mark.slow
+def test_study_robust_quick_end_to_end(tmp_path, catalog_cache):
+    """Every arm of the robust fine-tuning study (WiSE-FT, EMA, LLRD, LoRA, greedy soup) runs end to end from a
+    base file; the shipped base and the world retention suite are the full study's defaults."""
+    import torch
+    from safetensors.torch import save_file
+
+    from gcl.model import build_model
+
+    torch.manual_seed(5)
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model("gcl-tiny").model.state_dict().items()}, str(base))
+    out = tmp_path / "out"
+    study = _load("study_robust")
+    raw = study.main(["--quick", "--out", str(out), "--cache-dir", str(catalog_cache), "--base", str(base),
+                      "--model", "gcl-tiny", "--retention-suite", "none"])
+    summary = raw["summary"]
+    assert set(summary) == set(study.ARMS)
+    full = summary["full"][study.DOMAIN]
+    assert full["vs_full"] == 0.0 and 0.0 <= full["mean"] <= 1.0
+    # WiSE at alpha 0 is the base itself and at 1 the full arm: the same weights score the same
+    seed = raw["per_seed"][0]
+    alpha = seed["_choices"]["wise_alpha"]
+    if alpha in (0.0, 1.0):
+        assert seed["full+wise"] == seed["base" if alpha == 0.0 else "full"]
+    assert (out / "wise_curve.png").stat().st_size > 0 and (out / "table.md").read_text().count("|") > 30
+    assert set(raw["goal"]) == set(study.ARMS[1:]) and raw["goal"]["full"]["gain_vs_full"] == 1.0
