@@ -384,8 +384,8 @@ class Trainer:
         changed = self.unlock.apply(self.step) if self.unlock is not None else []
         if not changed:
             return
-        log.info("step %d: the %s tower%s train from now on", self.step, " and ".join(changed),
-                 "s" if len(changed) > 1 else "")
+        log.info("step %d: the %s %s from now on", self.step, " and ".join(changed),
+                 "towers train" if len(changed) > 1 else "tower trains")
         self.flops.flops_per_step = None  # a step now also runs that tower's backward: counted again (every rank)
         acc = self.accelerator
         if self.world_size > 1:

@@ -105,6 +105,8 @@ def move_to_split(suite: DictConfig, split: str) -> tuple[DictConfig, list[str]]
     kept, dropped = [], []
     for t in out.tasks:
         if t.split is None:  # a table/data_root task: its own documents, the same for every candidate
+            log.warning("selection: task %s reads its own documents (no split to move to %s); choosing on it "
+                        "is choosing on that data, so report another set", t.name, split)
             kept.append(t)
             continue
         prefix, sep, name = str(t.split).rpartition("/")
@@ -123,8 +125,12 @@ def move_to_split(suite: DictConfig, split: str) -> tuple[DictConfig, list[str]]
 
 
 def selection_suites(run: Run, select: DictConfig) -> list[DictConfig]:
-    """The run's eval suite and ``select.suites`` (presets), each moved to ``select.split``."""
-    suites = [run.config.eval] + [load_eval_preset(n) for n in select.suites if n != run.config.eval.name]
+    """The run's eval suite and ``select.suites`` (presets it does not already hold), each moved to
+    ``select.split``."""
+    own = run.config.eval
+    # a preset the run's suite already holds (by name, or as "<name>/<task>" tasks of a combined suite) is skipped
+    covered = {own.name} | {str(t.name).split("/", 1)[0] for t in own.tasks if "/" in str(t.name)}
+    suites = [own] + [load_eval_preset(n) for n in select.suites if n not in covered]
     out = []
     for s in suites:
         moved, dropped = move_to_split(s, select.split)
