@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import open_clip
 import pytest
 import torch
-from helpers import FAST, compose
+from helpers import FAST, ROOT, compose
 from safetensors.torch import load_file, save_file
 
 from gcl.checkpoint import find_checkpoint, load_checkpoint
@@ -47,13 +49,16 @@ def _train(run: Path, cache: Path, *overrides: str) -> Path:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, catalog_cache):
     """Two trials of one base (a 2-job multirun dir with a third, failed job), a run of another base and a
-    run from random weights. Trial 0 exports its WiSE-FT interpolation at alpha 0.5 when training ends."""
+    run from random weights. Trial 0 exports its WiSE-FT interpolation at alpha 0.5 when training ends; trial 1
+    keeps an EMA, scores it in-loop and exports it."""
     root = tmp_path_factory.mktemp("sweep")
     a, b = _base_file(root / "base_a.safetensors", 11), _base_file(root / "base_b.safetensors", 12)
     multirun = root / "multirun"
     _train(multirun / "0", catalog_cache, f"model.pretrained={a}", "optim.lr=1e-3", "trainer.max_steps=3",
            "export.enabled=true", "export.wise.alpha=0.5", f"export.dir={root / 'wise_export'}")
-    _train(multirun / "1", catalog_cache, f"model.pretrained={a}", "optim.lr=2e-4", "trainer.max_steps=3")
+    _train(multirun / "1", catalog_cache, f"model.pretrained={a}", "optim.lr=2e-4", "trainer.max_steps=3",
+           "optim.ema.decay=0.5", "optim.ema.eval=true", "trainer.eval_every=3", "export.enabled=true",
+           "export.ema=true", f"export.dir={root / 'ema_export'}")
     (multirun / "2" / ".hydra").mkdir(parents=True)  # a job that failed before its first checkpoint
     other = _train(root / "other", catalog_cache, f"model.pretrained={b}", "trainer.max_steps=1")
     scratch = _train(root / "scratch", catalog_cache, "trainer.max_steps=1")
@@ -93,6 +98,23 @@ def test_export_wise_alpha_at_the_end_of_training(sweep):
     _assert_export(sweep.root / "wise_export", want)
     card = (sweep.root / "wise_export" / "README.md").read_text()
     assert "WiSE-FT interpolation alpha=0.5" in card
+
+
+def test_ema_scored_in_loop_and_exported(sweep):
+    rows = [json.loads(x) for x in (sweep.trials[1] / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if f"eval/{DOMAIN}" in r}
+    assert sorted(evals) == [0, 3]
+    # step 0: the average is the weights themselves; step 3: the scores of other weights
+    assert evals[0][f"eval/ema/{DOMAIN}"] == evals[0][f"eval/{DOMAIN}"]
+    ema_keys = [k for k in evals[3] if k.startswith("eval/ema/")]
+    assert len(ema_keys) == len([k for k in evals[3] if k.startswith("eval/synthetic/")]) > 10
+    state = load_checkpoint(find_checkpoint(sweep.trials[1]))
+    shadow = state["ema"]["shadow"]
+    assert state["ema"]["num_updates"] == 3
+    # the trained weights came back after the EMA evaluation (the checkpoint is written after it)
+    assert any(not torch.equal(state["model"][k], shadow[k]) for k in shadow)
+    _assert_export(sweep.root / "ema_export", {**state["model"], **shadow})
+    assert "exponential moving average" in (sweep.root / "ema_export" / "README.md").read_text()
 
 
 def _rule_choice(points: list[dict], drop: float) -> dict:
@@ -140,9 +162,12 @@ def test_wise_per_tower_grid(sweep, tmp_path):
 
 
 def test_wise_refuses_runs_without_a_base(sweep, caplog):
+    # the command users run: a clear message and exit status 1, no traceback
+    r = subprocess.run([sys.executable, "-m", "gcl.wise", str(sweep.scratch)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "started from random weights" in r.stderr and str(sweep.scratch) in r.stderr
     caplog.set_level(logging.ERROR)
-    assert wise.main([str(sweep.scratch)]) == 1
-    assert "started from random weights" in caplog.text and str(sweep.scratch) in caplog.text
     assert wise.main([str(sweep.root / "missing")]) == 1
     assert "is not a run directory" in caplog.text
 
