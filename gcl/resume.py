@@ -6,10 +6,12 @@ config is compared with it key by key, and every difference falls in one class o
 
 - ``applied``: cannot change what is trained (eval, logging, export, checkpoint cadence, a longer or shorter
   run's bookkeeping, execution settings such as ``model.grad_checkpointing``); applied and logged.
-- ``from_step``: optimizer and schedule settings; they take effect from the resumed step and are logged as
+- ``from_step``: optimizer and schedule settings (the EMA's decay, a new unlock step or layer-decay factor
+  too); they take effect from the resumed step and are logged as
   ``optim.lr 0.0005 -> 1e-06 from step N`` (:func:`load_optimizer_keeping_settings` makes them win over
   the values stored in the optimizer and scheduler state).
-- ``refused``: changes that break exactness or meaning (data, loss, model, batch size, seed, world size):
+- ``refused``: changes that break exactness or meaning (data, loss, model and its LoRA adapters, batch size,
+  seed, world size, turning an unlock schedule or layer-wise decay on or off):
   the resume stops before any step, naming each key and the ways out (``trainer.resume_changes=allow``,
   which warns instead, or a fresh start from the checkpoint's weights).
 
@@ -40,6 +42,12 @@ def _workers(old: Any, new: Any) -> str:
     return APPLIED if max(1, int(old or 0)) == max(1, int(new or 0)) else REFUSED
 
 
+def _both_set(old: Any, new: Any) -> str:
+    # a schedule value moved (lock_<tower>_steps, layer_decay_<tower>) takes effect from the resumed step; turned
+    # on or off it changes what the optimizer holds (its groups, the scheduled parameters): the state won't fit
+    return FROM_STEP if old is not None and new is not None else REFUSED
+
+
 Rule = str | Callable[[Any, Any], str]
 # The classes of change, by key prefix (longest match wins; a key under no prefix is refused). Elastic
 # resume on another world size (issue 18) will turn WORLD_SIZE into a rule of its own.
@@ -49,6 +57,8 @@ CHANGE_RULES: dict[str, Rule] = {
     "model.checkpoint": APPLIED,
     "model.compile": APPLIED,
     "model.grad_checkpointing": APPLIED,
+    "model.lock_image_steps": _both_set,  # the unlock step (the lock itself, LoRA: model, refused)
+    "model.lock_text_steps": _both_set,
     "model.text_packing": APPLIED,
     "data": REFUSED,
     "data.num_workers": _workers,
@@ -58,6 +68,9 @@ CHANGE_RULES: dict[str, Rule] = {
     "loss": REFUSED,
     "optim": FROM_STEP,
     "optim.fused": APPLIED,
+    "optim.layer_decay_image": _both_set,  # on/off regroups the parameters; a new factor rescales the groups
+    "optim.layer_decay_text": _both_set,
+    "optim.ema.eval": APPLIED,  # optim.ema.decay / warmup_steps: from step N (the EMA so far is kept)
     "sched": FROM_STEP,
     "trainer": APPLIED,
     "trainer.max_steps": FROM_STEP,
@@ -68,8 +81,8 @@ CHANGE_RULES: dict[str, Rule] = {
     WORLD_SIZE: REFUSED,
 }
 WHY = {
-    REFUSED: "change the data, the loss, the model, the batch or the processes, so the run would not continue "
-             "the checkpoint's",
+    REFUSED: "change the data, the loss, the model, the batch, the processes or what the optimizer holds, so the "
+             "run would not continue the checkpoint's",
 }
 _ABSENT = "<absent>"  # a key (or list item) only one side has
 
@@ -175,7 +188,8 @@ def load_optimizer_keeping_settings(optimizer: torch.optim.Optimizer, scheduler:
     names = [g.get("name") for g in optimizer.param_groups]
     if names != [g.get("name") for g in fresh]:
         raise ResumeRefused(f"the checkpoint's optimizer groups {names} differ from this model's "
-                            f"{[g.get('name') for g in fresh]} (a tower was locked or unlocked)")
+                            f"{[g.get('name') for g in fresh]} (a tower was locked or unlocked, layer-wise decay or LoRA turned on "
+                            "or off)")
     step = scheduler.last_epoch
     lrs = [b * fn(step) for b, fn in zip(base, scheduler.lr_lambdas)]
     moved = []

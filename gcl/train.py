@@ -381,11 +381,12 @@ class Trainer:
     def _apply_unlock(self) -> None:
         """Lift the tower locks whose step has come (``model.lock_<tower>_steps``); with DDP the wrapper is
         rebuilt, since its reducer only knows the parameters that required gradients when it was built."""
-        changed = self.unlock.apply(self.step) if self.unlock is not None else []
+        changed = self.unlock.apply(self.step) if self.unlock is not None else {}
         if not changed:
             return
-        log.info("step %d: the %s %s from now on", self.step, " and ".join(changed),
-                 "towers train" if len(changed) > 1 else "tower trains")
+        for tower, trainable in changed.items():
+            log.info("step %d: the %s tower %s from now on", self.step, tower,
+                     "trains" if trainable else f"is locked (a later model.lock_{tower}_steps)")
         self.flops.flops_per_step = None  # a step now also runs that tower's backward: counted again (every rank)
         acc = self.accelerator
         if self.world_size > 1:

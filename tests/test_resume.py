@@ -72,6 +72,11 @@ CASES = {
     "sched.name=constant": FROM_STEP, "trainer.max_steps=50": FROM_STEP,
     "data.batch_size=16": REFUSED, "trainer.seed=3": REFUSED, "data.synthetic.products=200": REFUSED,
     "model.name=gcl-tiny-siglip": REFUSED, "loss.terms.0.weight=2.0": REFUSED, "loss.kind=siglip": REFUSED,
+    # robust fine-tuning: the EMA's settings from step N (its average so far is kept), in-loop EMA eval applied;
+    # LoRA and turning layer-wise decay or an unlock schedule on change the parameters or optimizer groups
+    "optim.ema.decay=0.99": FROM_STEP, "optim.ema.warmup_steps=10": FROM_STEP, "optim.ema.eval=true": APPLIED,
+    "optim.weight_decay_image=0.0": FROM_STEP, "export.wise.alpha=auto": APPLIED,
+    "model.lora.text.rank=4": REFUSED, "optim.layer_decay_image=0.8": REFUSED, "model.lock_text_steps=3": REFUSED,
 }
 
 
@@ -85,6 +90,9 @@ def test_each_change_falls_in_its_class():
     # another worker count reads the samples in another order
     assert classify("data.num_workers", 1, 2) == REFUSED and classify("data.num_workers", 0, 1) == APPLIED
     assert classify("some_new_group.key", 1, 2) == REFUSED  # unknown keys are refused, never ignored
+    # a schedule moved, not turned on or off: the same parameters and groups, new values from the resumed step
+    assert classify("model.lock_image_steps", 2, 5) == classify("optim.layer_decay_text", 0.8, 0.6) == FROM_STEP
+    assert classify("model.lock_image_steps", 2, None) == classify("optim.layer_decay_text", 0.8, None) == REFUSED
 
 
 def test_refusal_names_every_key_and_the_ways_out(caplog):

@@ -82,6 +82,32 @@ def test_layer_decay_and_per_tower_weight_decay_follow_the_definition(name):
         build_optimizer(_TimmLike(), lr=1e-3, layer_decay_image=0.5)
 
 
+def test_layer_decay_on_a_resnet_image_tower_counts_its_stages(tmp_path):
+    """CLIP's ModifiedResNet (the shipped base's image tower): its 4 stages are the blocks. From the definition:
+    stage k gets decay^(4 - k), the stem (before stage 1) decay^4, the attention pool after the last stage 1."""
+    import json
+
+    import open_clip
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "gcl-test-rn-lld.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "gcl-test-rn-lld.json")
+    model = build_model("gcl-test-rn-lld").model
+    opt = build_optimizer(model, lr=1e-3, layer_decay_image=0.5, fused=False)
+    got = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    seen = set()
+    for name, p in model.visual.named_parameters():
+        first = name.split(".")[0]
+        if first in ("layer1", "layer2", "layer3", "layer4"):
+            want = 1e-3 * 0.5 ** (4 - int(first[-1]))
+        else:
+            want = 1e-3 if first == "attnpool" else 1e-3 * 0.5 ** 4
+        assert got[id(p)] == pytest.approx(want, rel=1e-12), name
+        seen.add(first)
+    assert {"conv1", "bn3", "layer1", "layer4", "attnpool"} <= seen
+
+
 def _trainer(run: Path, cache: Path, *overrides: str):
     from gcl.train import Trainer
 
@@ -150,6 +176,25 @@ def test_resume_is_exact_before_at_and_after_an_unlock_with_lora_ema_and_layer_d
             assert torch.equal(got["model"][name], v), (k, name)
         for name, v in want["ema"]["shadow"].items():
             assert torch.equal(got["ema"]["shadow"][name], v), (k, "ema", name)
+    _resume_with_a_later_unlock_and_another_decay(tmp_path / "moved", catalog_cache, ckpts[1], image)
+
+
+def _resume_with_a_later_unlock_and_another_decay(run: Path, cache: Path, ckpt: Path, image: dict) -> None:
+    """gcl.resume's 'from step N' class for the schedules: from step 1, the unlock moves from step 2 to 3 and
+    the image tower's layer decay from 0.7 to 0.5; the lock then holds through step 3 and the groups' lrs
+    follow the new factor (the definition: block i of L gets decay^(L - 1 - i), the embeddings decay^L)."""
+    moved = [o for o in ROBUST if not o.startswith(("model.lock_image_steps", "optim.layer_decay_image"))]
+    _trainer(run, cache, *moved, "model.lock_image_steps=3", "optim.layer_decay_image=0.5", "trainer.save_every=1",
+             f"trainer.resume={ckpt}").fit()
+    ckpts = {int(p.stem.split("_")[1]): p for p in (run / "checkpoints").glob("step_*.pt")}
+    s3, s4 = load_checkpoint(ckpts[3]), load_checkpoint(ckpts[4])
+    assert all(torch.equal(s3["model"][n], v) for n, v in image.items())  # locked for steps 0, 1 and 2
+    assert not torch.equal(s4["model"]["visual.proj"], s3["model"]["visual.proj"])
+    lrs = {g["name"]: g["lr"] for g in s4["optimizer"]["param_groups"]}
+    blocks, head = 3, lrs["image/layer4"]
+    for depth in range(blocks + 2):
+        want = head * 0.5 ** max(0, blocks - depth)
+        assert lrs[f"image/layer{depth}"] == pytest.approx(want, rel=1e-12), depth
 
 
 CASES = [

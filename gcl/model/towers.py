@@ -4,7 +4,7 @@ Lives here: :func:`lock_towers` (open_clip's image-tower lock; a text-tower lock
 class, CustomTextCLIP and HF text towers, with a trainable-LayerNorm option); :class:`UnlockSchedule` (a lock
 that lifts after N optimizer steps: LP-FT / LiT-then-fine-tune); :func:`tower_parameters`,
 :func:`tower_transformer` and :func:`layer_depths` (which parameter belongs to which tower and block, for
-LoRA and layer-wise lr decay).
+LoRA and layer-wise lr decay; a ResNet image tower's blocks are its stages).
 
 Not here: LoRA adapters (:mod:`gcl.model.lora`), patch dropout (:mod:`gcl.model.speed`), the optimizer's
 parameter groups (:mod:`gcl.optim`),
@@ -46,13 +46,34 @@ def tower_transformer(model: nn.Module, tower: str, key: str) -> tuple[Transform
     if not isinstance(t, Transformer):
         raise NotImplementedError(
             f"{key}: the {tower} tower of {type(model).__name__} ({type(root).__name__}) is not an open_clip "
-            "Transformer tower (timm and Hugging Face towers name their blocks differently); turn the setting off")
+            "Transformer tower (ResNet, timm and Hugging Face towers have no such blocks); turn the setting off")
     return t, prefix
+
+
+def _resnet_depths(model: nn.Module) -> tuple[dict[str, int], int] | None:
+    """Depths of an open_clip ModifiedResNet image tower (CLIP's RN50 family), its 4 stages as the blocks:
+    the stem (conv1-3, bn1-3) 0, ``layer<k>`` k, the attention pool 5. None for any other image tower."""
+    from open_clip.modified_resnet import ModifiedResNet
+
+    if not isinstance(getattr(model, "visual", None), ModifiedResNet):
+        return None
+    depths = {}
+    for name, _ in tower_parameters(model, "image"):
+        first = name[len("visual."):].split(".")[0]
+        if first.startswith("layer") and first[len("layer"):].isdigit():
+            depths[name] = int(first[len("layer"):])
+        else:
+            depths[name] = 5 if first == "attnpool" else 0
+    return depths, 4
 
 
 def layer_depths(model: nn.Module, tower: str, key: str) -> tuple[dict[str, int], int]:
     """``({parameter name: depth}, n_blocks)`` for ``tower``: depth 0 = embeddings (before the blocks),
-    ``i + 1`` = block i, ``n_blocks + 1`` = everything after the last block (final norm, projection)."""
+    ``i + 1`` = block i, ``n_blocks + 1`` = everything after the last block (final norm, projection).
+    A ResNet image tower counts its stages as blocks (:func:`_resnet_depths`)."""
+    resnet = _resnet_depths(model) if tower == "image" else None
+    if resnet is not None:
+        return resnet
     transformer, prefix = tower_transformer(model, tower, key)
     n = len(transformer.resblocks)
     depths = {}
@@ -96,15 +117,15 @@ class UnlockSchedule:
             entries += [(tower, n, p, int(at)) for n, p in frozen]
         return cls(entries) if entries else None
 
-    def apply(self, step: int) -> list[str]:
-        """Set ``requires_grad`` for optimizer step ``step`` (0-based); returns the towers that changed."""
-        changed = []
+    def apply(self, step: int) -> dict[str, bool]:
+        """Set ``requires_grad`` for optimizer step ``step`` (0-based); returns ``{tower: trainable now}`` for
+        the towers that changed (locked again too: a resume with a later ``lock_<tower>_steps``)."""
+        changed = {}
         for tower, _, p, at in self.entries:
             trainable = step >= at
             if p.requires_grad != trainable:
                 p.requires_grad = trainable
-                if tower not in changed:
-                    changed.append(tower)
+                changed[tower] = trainable
         return changed
 
     @contextlib.contextmanager
