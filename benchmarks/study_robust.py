@@ -125,9 +125,7 @@ def seed_arms(seed: int, a: argparse.Namespace, out: Path) -> dict[str, dict[str
     full_dir = sweep[a.lrs.index(a.lr)]
     llrd = train(runs / f"llrd-seed{seed}", common + [f"optim.lr={a.lr}", f"optim.layer_decay_image={a.layer_decay}",
                                                       f"optim.layer_decay_text={a.layer_decay}"], a)
-    lora = train(runs / f"lora_r{a.lora_rank}-seed{seed}",
-                 common + [f"optim.lr={a.lora_lr}", f"model.lora.image.rank={a.lora_rank}",
-                           f"model.lora.text.rank={a.lora_rank}"], a)
+    lora = train(runs / f"lora_r{a.lora_rank}-seed{seed}", common + [f"optim.lr={a.lora_lr}", *a.lora_overrides], a)
     full = load_run(full_dir)
     select = select_defaults(full).select
     wise_report, wise_sd = run_wise(full, WiseRequest(alphas=parse_alphas(a.alphas)), select,
@@ -178,7 +176,8 @@ def goal(table: dict) -> dict[str, dict[str, float | bool]]:
 def markdown(table: dict, goals: dict, choices: dict, a: argparse.Namespace, seconds: float) -> str:
     lines = [f"Base `{a.model}` (`{Path(a.base).name}`), seven-field loss on the synthetic catalog ({a.products} "
              f"products), {a.steps} steps x batch {a.batch_size}, seeds {a.seeds}, lr sweep {a.lrs} (full arm: "
-             f"{a.lr}); test split; mean ± sd over seeds, then the relative change over the base and over `full`. "
+             f"{a.lr}); LoRA rank {a.lora_rank}{a.lora_note}; test split; mean ± sd over seeds, then the relative "
+             "change over the base and over `full`. "
              f"Choices on val: WiSE alpha {choices['wise_alpha']}, soup ingredients (lr) "
              f"{choices['soup_ingredients']}. Machine: {machine()}. Wall time {seconds / 60:.1f} min.",
              "", "| metric | " + " | ".join(f"`{x}`" for x in ARMS) + " |", "|---|" + "---|" * len(ARMS)]
@@ -231,11 +230,40 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if a.lr not in a.lrs:
         p.error(f"--lr {a.lr} must be one of --lrs {a.lrs} (the full arm is a trial of the sweep)")
     if a.base is None:
-        from gcl.assets import BASE_WEIGHTS, verify_base
-
+        try:
+            from gcl.assets import BASE_WEIGHTS, verify_base
+        except ImportError:
+            p.error("this checkout has no shipped base (gcl/assets); give one with --base FILE --model NAME")
         verify_base()
         a.base = str(BASE_WEIGHTS)
+    if a.retention_suite != "none" and not (ROOT / "conf" / "eval" / f"{a.retention_suite}.yaml").is_file():
+        p.error(f"--retention-suite {a.retention_suite}: no such eval preset in conf/eval/ (the world suite comes "
+                "with the shipped base); name one, or none")
+    if not Path(a.base).is_file():
+        p.error(f"--base {a.base}: no such weights file")
+    a.lora_overrides, a.lora_note = lora_arm(a.model, a.lora_rank)
     return a
+
+
+def lora_arm(model: str, rank: int) -> tuple[list[str], str]:
+    """The LoRA arm's overrides: adapters on every open_clip Transformer tower. A tower without one (CLIP's
+    ResNet image tower, which the shipped base has) is locked instead, so the arm stays parameter-efficient."""
+    from gcl.model import build_model
+    from gcl.model.towers import tower_transformer
+
+    built = build_model(model).model
+    overrides, locked = [], []
+    for tower in ("image", "text"):
+        try:
+            tower_transformer(built, tower, "lora")
+            overrides.append(f"model.lora.{tower}.rank={rank}")
+        except NotImplementedError:
+            overrides.append(f"model.lock_{tower}=true")
+            locked.append(tower)
+    if len(locked) == 2:
+        raise SystemExit(f"--model {model}: neither tower is an open_clip Transformer; LoRA has no target")
+    note = f" (the {locked[0]} tower has no Transformer blocks: locked in this arm)" if locked else ""
+    return overrides, note
 
 
 def main(argv: list[str] | None = None) -> dict:
