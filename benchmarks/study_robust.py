@@ -10,6 +10,8 @@ step budget and data order per seed:
   llrd        layer-wise lr decay in both towers (optim.layer_decay_image/text)
   lora_r8     LoRA rank 8 on both towers (attention and MLP), adapters merged for evaluation
   soup        greedy soup (Wortsman et al. 2022) over an lr sweep (the full arm is one of its trials), on val
+  pd50        the full arm with patch dropout 0.5 in training (model.patch_dropout): its samples/s and its
+              effect on the metrics; only for a ViT image tower (a ResNet has no patch tokens)
 
 Choices (alpha, soup ingredients) use the val split; the table is the test split: domain = the synthetic
 suite (test and held-out combinations), retention = the retention suite (``world``: the base's own world),
@@ -45,7 +47,7 @@ ROWS = ["synthetic/avg/retrieval/mrr@10", "synthetic/avg/text2image/recall@1", "
         "synthetic/avg/attribute2product/precision@1", "synthetic/heldout_text2image_title/recall@10",
         "world/avg/zeroshot/f1_weighted", "world/avg/zeroshot/accuracy", "world/avg/text2image/recall@1",
         "world/avg/text2image/mrr@10"]
-ARMS = ["base", "full", "full+wise", "full+ema", "llrd", "lora_r8", "soup"]
+ARMS = ["base", "full", "full+wise", "full+ema", "llrd", "lora_r8", "soup", "pd50"]  # pd50: ViT image towers only
 MARK_START, MARK_END = "<!-- robust:start -->", "<!-- robust:end -->"
 
 
@@ -126,6 +128,9 @@ def seed_arms(seed: int, a: argparse.Namespace, out: Path) -> dict[str, dict[str
     llrd = train(runs / f"llrd-seed{seed}", common + [f"optim.lr={a.lr}", f"optim.layer_decay_image={a.layer_decay}",
                                                       f"optim.layer_decay_text={a.layer_decay}"], a)
     lora = train(runs / f"lora_r{a.lora_rank}-seed{seed}", common + [f"optim.lr={a.lora_lr}", *a.lora_overrides], a)
+    trained = {"full": full_dir, "llrd": llrd, "lora_r8": lora}
+    if a.patch_dropout_arm:  # the full arm with half the image patches dropped in training (a speed setting)
+        trained["pd50"] = train(runs / f"pd50-seed{seed}", common + [f"optim.lr={a.lr}", "model.patch_dropout=0.5"], a)
     full = load_run(full_dir)
     select = select_defaults(full).select
     wise_report, wise_sd = run_wise(full, WiseRequest(alphas=parse_alphas(a.alphas)), select,
@@ -136,23 +141,38 @@ def seed_arms(seed: int, a: argparse.Namespace, out: Path) -> dict[str, dict[str
                "full+ema": load_run(full_dir, weights="ema").src.state_dict,
                "llrd": load_run(llrd).src.state_dict, "lora_r8": load_run(lora).src.state_dict,
                "soup": soups["greedy"]}
+    if "pd50" in trained:
+        weights["pd50"] = load_run(trained["pd50"]).src.state_dict
     scores = {arm: scorer(sd, arm) for arm, sd in weights.items()}
+    scores["_samples_per_s"] = {arm: samples_per_s(d) for arm, d in trained.items()}
     scores["_choices"] = {"wise_alpha": wise_report["chosen"]["alpha_image"],
                           "soup_ingredients": [a.lrs[i] for i in soup_report["greedy"]["ingredients"]]}
     return scores
 
 
+def samples_per_s(run_dir: Path) -> float | None:
+    """The run's mean logged training throughput (metrics.jsonl rows after the first, which holds start-up)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r][1:]
+    return statistics.fmean(rates) if rates else None
+
+
+def arms_of(per_seed: dict[int, dict]) -> list[str]:
+    return [x for x in ARMS if all(x in s for s in per_seed.values())]
+
+
 def summarize(per_seed: dict[int, dict]) -> dict[str, dict[str, dict[str, float]]]:
     """arm -> row -> {mean, sd, vs_base, vs_full} (relative changes of the means)."""
     table: dict[str, dict[str, dict[str, float]]] = {}
-    for arm in ARMS:
+    arms = arms_of(per_seed)
+    for arm in arms:
         table[arm] = {}
         for row in ROWS:
             vals = [s[arm][row] for s in per_seed.values() if row in s[arm]]
             if vals:
                 table[arm][row] = {"mean": statistics.fmean(vals),
                                    "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0}
-    for arm in ARMS:
+    for arm in arms:
         for row, v in table[arm].items():
             for ref, key in (("base", "vs_base"), ("full", "vs_full")):
                 r = table[ref].get(row, {}).get("mean")
@@ -164,7 +184,7 @@ def goal(table: dict) -> dict[str, dict[str, float | bool]]:
     """Per arm: retention / base retention and domain gain / full fine-tuning's gain (the issue's goal)."""
     out = {}
     b_dom, f_dom = table["base"][DOMAIN]["mean"], table["full"][DOMAIN]["mean"]
-    for arm in ARMS[1:]:
+    for arm in [x for x in table if x != "base"]:
         g = {"gain_vs_full": (table[arm][DOMAIN]["mean"] - b_dom) / (f_dom - b_dom) if f_dom != b_dom else float("nan")}
         if RETENTION in table["base"]:
             g["retention_vs_base"] = table[arm][RETENTION]["mean"] / table["base"][RETENTION]["mean"]
@@ -173,19 +193,20 @@ def goal(table: dict) -> dict[str, dict[str, float | bool]]:
     return out
 
 
-def markdown(table: dict, goals: dict, choices: dict, a: argparse.Namespace, seconds: float) -> str:
+def markdown(table: dict, goals: dict, per_seed: dict, a: argparse.Namespace, seconds: float) -> str:
+    arms, choices = list(table), per_seed[a.seeds[0]]["_choices"]
     lines = [f"Base `{a.model}` (`{Path(a.base).name}`), seven-field loss on the synthetic catalog ({a.products} "
              f"products), {a.steps} steps x batch {a.batch_size}, seeds {a.seeds}, lr sweep {a.lrs} (full arm: "
              f"{a.lr}); LoRA rank {a.lora_rank}{a.lora_note}; test split; mean ± sd over seeds, then the relative "
              "change over the base and over `full`. "
              f"Choices on val: WiSE alpha {choices['wise_alpha']}, soup ingredients (lr) "
              f"{choices['soup_ingredients']}. Machine: {machine()}. Wall time {seconds / 60:.1f} min.",
-             "", "| metric | " + " | ".join(f"`{x}`" for x in ARMS) + " |", "|---|" + "---|" * len(ARMS)]
+             "", "| metric | " + " | ".join(f"`{x}`" for x in arms) + " |", "|---|" + "---|" * len(arms)]
     for row in ROWS:
         if row not in table["base"]:
             continue
         cells = []
-        for arm in ARMS:
+        for arm in arms:
             v = table[arm][row]
             cell = f"{v['mean']:.3f} ± {v['sd']:.3f}"
             if arm != "base":
@@ -198,6 +219,14 @@ def markdown(table: dict, goals: dict, choices: dict, a: argparse.Namespace, sec
         ret = f", retention {100 * g['retention_vs_base']:.1f}% of the base" if "retention_vs_base" in g else ""
         met = "" if "met" not in g else (" — **met**" if g["met"] else " — not met")
         lines.append(f"- `{arm}`: domain gain {100 * g['gain_vs_full']:.0f}% of full fine-tuning's{ret}{met}")
+    speeds = {arm: [s["_samples_per_s"][arm] for s in per_seed.values() if s["_samples_per_s"].get(arm)]
+              for arm in per_seed[a.seeds[0]]["_samples_per_s"]}
+    speeds = {arm: statistics.fmean(v) for arm, v in speeds.items() if v}
+    if speeds:
+        lines += ["", "Training samples/s (mean of the logged rows after the first, over seeds; the other arms are "
+                  "made from these runs): " + ", ".join(f"`{arm}` {v:.0f}" for arm, v in speeds.items())]
+    if "pd50" not in arms:
+        lines += ["", "`pd50` (patch dropout 0.5) is left out: the base's image tower has no patch tokens."]
     return "\n".join(lines)
 
 
@@ -241,13 +270,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                 "with the shipped base); name one, or none")
     if not Path(a.base).is_file():
         p.error(f"--base {a.base}: no such weights file")
-    a.lora_overrides, a.lora_note = lora_arm(a.model, a.lora_rank)
+    a.lora_overrides, a.lora_note, a.patch_dropout_arm = tower_arms(a.model, a.lora_rank)
     return a
 
 
-def lora_arm(model: str, rank: int) -> tuple[list[str], str]:
+def tower_arms(model: str, rank: int) -> tuple[list[str], str, bool]:
     """The LoRA arm's overrides: adapters on every open_clip Transformer tower. A tower without one (CLIP's
-    ResNet image tower, which the shipped base has) is locked instead, so the arm stays parameter-efficient."""
+    ResNet image tower, which the shipped base has) is locked instead, so the arm stays parameter-efficient.
+    Also whether the patch-dropout arm applies (an open_clip VisionTransformer image tower)."""
+    from open_clip.transformer import VisionTransformer
+
     from gcl.model import build_model
     from gcl.model.towers import tower_transformer
 
@@ -263,7 +295,7 @@ def lora_arm(model: str, rank: int) -> tuple[list[str], str]:
     if len(locked) == 2:
         raise SystemExit(f"--model {model}: neither tower is an open_clip Transformer; LoRA has no target")
     note = f" (the {locked[0]} tower has no Transformer blocks: locked in this arm)" if locked else ""
-    return overrides, note
+    return overrides, note, isinstance(built.visual, VisionTransformer)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -279,8 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - t0
     table = summarize(per_seed)
     goals = goal(table)
-    choices = per_seed[a.seeds[0]]["_choices"]
-    md = markdown(table, goals, choices, a, seconds)
+    md = markdown(table, goals, per_seed, a, seconds)
     shutil.copyfile(out / "wise" / f"seed{a.seeds[0]}" / "wise.png", out / "wise_curve.png")
     raw = {"settings": vars(a), "machine": machine(), "seconds": seconds, "per_seed": per_seed, "summary": table,
            "goal": goals}

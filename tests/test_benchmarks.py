@@ -96,3 +96,4 @@ def test_study_robust_quick_end_to_end(tmp_path, catalog_cache):
         assert seed["full+wise"] == seed["base" if alpha == 0.0 else "full"]
     assert (out / "wise_curve.png").stat().st_size > 0 and (out / "table.md").read_text().count("|") > 30
     assert set(raw["goal"]) == set(study.ARMS[1:]) and raw["goal"]["full"]["gain_vs_full"] == 1.0
+    assert set(seed["_samples_per_s"]) == {"full", "llrd", "lora_r8", "pd50"}  # the trained arms (gcl-tiny: a ViT)
