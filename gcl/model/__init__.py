@@ -167,9 +167,7 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
         text_packing: ``auto`` (prefix-shared packing when the text tower supports it and a probe confirms it
             matches ``encode_text``, else length buckets), ``prefix`` (required; error otherwise), or
             ``buckets``. See :class:`FieldEncoder`.
-        lora: the ``model.lora`` mapping (per-tower rank, alpha, dropout, targets; ``train_logit_scale``):
-            adapters on the towers with rank > 0, whose other parameters are then frozen
-            (:mod:`gcl.model.lora`). None = no adapters.
+        lora: the ``model.lora`` mapping: adapters on the towers with rank > 0 (:mod:`gcl.model.lora`).
 
     Raises:
         WeightsUnavailableError: weights not cached and not downloadable (offline) - at once, before any
@@ -184,8 +182,7 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
                 lock_image_freeze_bn=lock_image_freeze_bn, lock_text=lock_text,
                 lock_text_unlocked_layers=lock_text_unlocked_layers,
                 lock_text_freeze_layer_norm=lock_text_freeze_layer_norm)
-    if lora is not None:
-        apply_lora_config(model, lora)
+    apply_lora_config(model, lora)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     set_patch_dropout(model, patch_dropout)

@@ -130,9 +130,10 @@ def lora_requested(lora_cfg: dict) -> dict[str, dict]:
     return {t: dict(lora_cfg[t]) for t in ("image", "text") if int(lora_cfg[t]["rank"]) > 0}
 
 
-def apply_lora_config(model: nn.Module, lora_cfg: dict) -> None:
-    """Apply ``model.lora`` (towers with rank > 0); logit_scale/bias train unless ``train_logit_scale`` is off."""
-    towers = lora_requested(lora_cfg)
+def apply_lora_config(model: nn.Module, lora_cfg: dict | None) -> None:
+    """Apply ``model.lora`` (towers with rank > 0; None = none); logit_scale/bias train unless
+    ``train_logit_scale`` is off."""
+    towers = lora_requested(lora_cfg) if lora_cfg else {}
     if not towers:
         return
     for tower, c in towers.items():
