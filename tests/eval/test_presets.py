@@ -271,7 +271,8 @@ def test_unavailable_weights_fail_clearly(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     mc = OmegaConf.create({"name": "ViT-B-16", "pretrained": "laion2b_s34b_b88k", "config_path": None,
-                          "text_packing": "auto", "precision": "fp32", "cache_dir": None, "checkpoint": None})
+                          "text_packing": "auto", "precision": "fp32", "cache_dir": None, "checkpoint": None,
+                          "attention": "auto", "channels_last": False})
     with pytest.raises(WeightsUnavailableError, match="pre-download"):
         load_model_for_eval(mc)
 
