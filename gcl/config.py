@@ -75,12 +75,23 @@ class SyntheticConfig:
 
 
 @dataclass
+class WorldConfig:
+    samples: int = 10000
+    seed: int = 0
+    image_size: int = 64
+    workers: int = 2
+    cache_dir: str = MISSING
+
+
+@dataclass
 class DataConfig:
-    train_shards: Optional[Any] = None  # pattern | list of patterns; null -> the synthetic catalog
+    train_shards: Optional[Any] = None  # pattern | list of patterns; null -> the generated dataset `builtin`
     val_shards: Optional[str] = None
     test_shards: Optional[str] = None
     source_weights: Optional[list[float]] = None
+    builtin: str = "synthetic"  # synthetic (the fashion catalog) | world (gcl.data.world)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
     batch_size: int = 32
     num_workers: int = 2
     resampled: bool = False
@@ -352,12 +363,16 @@ def _fail(key: str, msg: str) -> None:
 
 
 def data_fields(cfg: DictConfig) -> set[str] | None:
-    """Fields the data provides, when knowable before reading data (the synthetic catalog); else None."""
-    if cfg.data.train_shards is None:
-        from gcl.data.schema import TEXT_FIELDS
+    """Fields the data provides, when knowable before reading data (a generated dataset); else None."""
+    if cfg.data.train_shards is not None:
+        return None
+    if cfg.data.builtin == "world":
+        from gcl.data.world.write import FIELDS, OPTIONAL_FIELDS
 
-        return {IMAGE, *TEXT_FIELDS, "query", "category", "subcategory", "color", "material", "item_id"}
-    return None
+        return {IMAGE, *FIELDS, *OPTIONAL_FIELDS}
+    from gcl.data.schema import TEXT_FIELDS
+
+    return {IMAGE, *TEXT_FIELDS, "query", "category", "subcategory", "color", "material", "item_id"}
 
 
 def loss_data_fields(terms: Any) -> dict[str, list[str]]:
@@ -468,6 +483,15 @@ def validate(cfg: DictConfig) -> None:
                   "s3://bucket/runs/my-run (one prefix per run), or null")
     if cfg.data.list_rule not in ("join", "sample"):
         _fail("data.list_rule", f"{cfg.data.list_rule!r} is not join or sample")
+    from gcl.data import BUILTINS
+
+    if cfg.data.builtin not in BUILTINS:
+        _fail("data.builtin", f"{cfg.data.builtin!r} is not one of {', '.join(BUILTINS)}")
+    for i, task in enumerate(cfg.eval.tasks):
+        prefix, sep, _ = (task.split or "").partition("/")
+        if sep and prefix not in BUILTINS:
+            _fail(f"eval.tasks[{i}].split", f"{task.split!r}: a prefixed split names a generated dataset "
+                  f"({', '.join(f'{b}/<split>' for b in BUILTINS)}); use one of those or a plain split name")
     if cfg.data.batch_size < 1:
         _fail("data.batch_size", "must be >= 1")
     _validate_background(cfg.data.image_background)

@@ -234,7 +234,9 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         t = cfg.trainer
         d = cfg.data
-        self.splits = resolve_splits(d)
+        # eval tasks may read splits of a generated dataset other than the training data (world/test)
+        extra = [k.split for k in cfg.eval.tasks if k.split] if self._in_loop_eval() else ()
+        self.splits = resolve_splits(d, extra=extra)
         self._check_loss_fields()
         ctx = {f: min(d.context_length.get(f, d.default_context_length), self.bundle.context_length)
                for f in self.fields if f != "image"}
@@ -278,11 +280,16 @@ class Trainer:
                 "0 for the whole run. Fix the field names in loss.terms (or the shards), or allow the absence: "
                 f"loss.allow_absent_fields=[{','.join(refused)}] (or true for any field)")
 
+    def _in_loop_eval(self) -> bool:
+        """Whether the run evaluates in-loop: eval tasks configured and something uses them."""
+        t = self.cfg.trainer
+        return bool(self.cfg.eval.tasks) and (t.eval_every > 0 or bool(t.best_metric))
+
     def _build_evaluator(self) -> None:
         """The in-loop evaluator, or None when no eval task is configured or nothing would use it."""
-        cfg, t = self.cfg, self.cfg.trainer
+        cfg = self.cfg
         self.evaluator = None
-        if cfg.eval.tasks and (t.eval_every > 0 or t.best_metric):
+        if self._in_loop_eval():
             from gcl.eval.run import build_evaluator
 
             self.evaluator = build_evaluator(cfg.eval, splits=self.splits, data_cfg=cfg.data)

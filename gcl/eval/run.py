@@ -10,9 +10,10 @@ Entry points:
   model and evaluates it.
 
 Metrics are flat: ``<suite>/<task>/<metric>`` per task and ``<suite>/<aggregate>/<metric>`` for the cross-task
-means. Files under ``out_dir``: per evaluation ``step_XXXXXX.json`` (flat metrics; ``metrics.json`` when
-``step`` is None) and a folder of the same stem with ``tasks/<task>.json``, ``results.md``, ``gallery.png`` and,
-per retrieval task, TREC files ``runs/<task>.run``, ``.qrels`` and ``.queries.tsv`` (``gcl.eval.trec``; what
+means (a suite named ``""`` adds no prefix: its task names carry theirs, e.g. ``eval=synthetic_world``).
+Files under ``out_dir``: per evaluation ``step_XXXXXX.json`` (flat metrics; ``metrics.json`` when ``step`` is
+None) and a folder of the same stem with ``tasks/<task>.json``, ``results.md``, ``gallery.png`` and, per retrieval
+task, TREC files ``runs/<task>.run``, ``.qrels`` and ``.queries.tsv`` (``gcl.eval.trec``; what
 ``python -m gcl.eval.compare`` reads).
 
 Distributed: by default rank 0 does all the work and broadcasts the metrics to every rank (the others
@@ -277,14 +278,15 @@ class Evaluator:
         if rank != 0:
             return None
         flat: dict[str, float] = {}
+        prefix = f"{suite}/" if suite else ""  # an empty suite name: the task names carry their suites
         for name, vals in per_task.items():
-            flat.update({f"{suite}/{name}/{m}": v for m, v in vals.items()})
+            flat.update({f"{prefix}{name}/{m}": v for m, v in vals.items()})
         aggs: dict[str, dict[str, float]] = {}
         for a in self.cfg.aggregates:
             vals, matched = T.aggregate(per_task, list(a.tasks), list(a.metrics))
             if vals:
                 aggs[a.name] = vals
-                flat.update({f"{suite}/{a.name}/{m}": v for m, v in vals.items()})
+                flat.update({f"{prefix}{a.name}/{m}": v for m, v in vals.items()})
         if out_dir is not None:
             self._write(Path(out_dir), suite, step, flat, per_task, aggs, results, bundle)
         log.info("eval %s done in %.1fs: %s", suite, time.perf_counter() - t0,
@@ -434,7 +436,7 @@ class Evaluator:
             _write_json({"suite": suite, "task": name, "step": step, "metrics": per_task[name], "counts": r.counts,
                          **r.detail, **({"files": files} if files else {}), "config": cfg},
                         base / "tasks" / f"{_safe(name)}.json")
-        md = markdown_report(suite, per_task, aggs, model=_model_name(bundle), step=step,
+        md = markdown_report(suite or "multi-suite", per_task, aggs, model=_model_name(bundle), step=step,
                              counts={n: r.counts for n, r in results.items()})
         (base / "results.md").write_text(md)
         for name, r in results.items():
@@ -522,7 +524,7 @@ def run(cfg: Any) -> dict[str, float]:
     if needs_splits:
         from gcl.data import resolve_splits
 
-        splits = resolve_splits(cfg.data)
+        splits = resolve_splits(cfg.data, extra=[t.split for t in cfg.eval.tasks if t.split])
     cache = None
     if cfg.eval.cache_dir:
         from gcl.eval.retrieval import EmbeddingCache

@@ -112,7 +112,9 @@ def make_texts(scene: dict[str, Any], r: np.random.Generator) -> dict[str, str]:
     Always: ``title``, ``sentence``, ``caption`` (form ``caption_form``), ``scene``, ``label``, ``category``,
     ``color``, ``pattern``, ``count`` ("1".."4", copies of ``label``), ``background``; patterned objects add
     ``pattern_color``; pair scenes add ``relation``, ``label2``, ``color2``, ``pattern2`` (and
-    ``pattern_color2``), read as "<label> <relation> <label2>".
+    ``pattern_color2``), read as "<label> <relation> <label2>"; single scenes add ``single_label`` and
+    ``single_color`` (every object in the picture is of that class and colour: what zero-shot classification
+    scores, so a pair scene's second object never makes the truth ambiguous).
     """
     title, sentence = canonical(scene)
     form = CAPTION_FORMS[int(r.choice(len(CAPTION_FORMS), p=_FORM_P))]
@@ -123,7 +125,9 @@ def make_texts(scene: dict[str, Any], r: np.random.Generator) -> dict[str, str]:
            "pattern": o["pattern"], "count": str(o["count"]), "background": scene["background"]}
     if o["pattern_color"]:
         out["pattern_color"] = o["pattern_color"]
-    if scene["relation"] is not None:
+    if scene["relation"] is None:
+        out.update(single_label=o["label"], single_color=o["color"])
+    else:
         b = scene["objects"][1]
         out.update(relation=scene["relation"], label2=b["label"], color2=b["color"], pattern2=b["pattern"])
         if b["pattern_color"]:

@@ -42,7 +42,8 @@ TABLE = "world.parquet"
 # Fields every sample has (pair scenes and patterned objects add theirs, see gcl.data.world.text.make_texts).
 FIELDS: tuple[str, ...] = ("item_id", "title", "sentence", "caption", "caption_form", "scene", "label", "category",
                            "color", "pattern", "count", "background")
-OPTIONAL_FIELDS: tuple[str, ...] = ("pattern_color", "relation", "label2", "color2", "pattern2", "pattern_color2")
+OPTIONAL_FIELDS: tuple[str, ...] = ("pattern_color", "single_label", "single_color", "relation", "label2", "color2",
+                                    "pattern2", "pattern_color2")
 _TAR_MTIME = 946684800.0  # 2000-01-01T00:00:00Z: shard bytes never depend on the wall clock
 _JPEG_QUALITY = 92
 
