@@ -42,6 +42,9 @@ MAX_MIB = 8.0
 
 def train(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Run the pretraining; return {"command", "wall_s", "load_before", "load_after"}."""
+    if not (REPO / "train.py").is_file():
+        raise FileNotFoundError(f"{REPO / 'train.py'} not found: rebuild the base from a gcl checkout (the recipe is "
+                                "conf/experiment/pretrain_world.yaml), or ship an existing run with --skip-train")
     cmd = [sys.executable, *TRAIN_COMMAND, f"hydra.run.dir={run_dir}", *overrides]
     load_before = list(os.getloadavg())
     t0 = time.perf_counter()
