@@ -378,7 +378,12 @@ def _data_section(data: dict[str, Any] | None) -> list[str]:
         return ["Not recorded."]
     lines = []
     shards = data.get("train_shards")
-    if shards in (None, "", []):
+    if shards in (None, "", []) and data.get("builtin") == "world":
+        w = data.get("world") or {}
+        lines.append(f"- Training data: the built-in general synthetic world (`gcl.data.world`: 48 object classes, "
+                     f"16 colours, patterns, counts, spatial relations, backgrounds; {w.get('samples', '?')} "
+                     f"pictures, seed {w.get('seed', '?')}). Not fashion and not real data.")
+    elif shards in (None, "", []):
         syn = data.get("synthetic") or {}
         lines.append(f"- Training data: the built-in procedural (synthetic) fashion catalog "
                      f"({syn.get('products', '?')} products, seed {syn.get('seed', '?')}). Not real data: "
