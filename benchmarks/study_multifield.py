@@ -1,28 +1,26 @@
-"""Does the seven-field GCL loss beat plain title<->image InfoNCE? A controlled study on the synthetic catalog.
+"""Study v2: fine-tuning the shipped base model, does the seven-field GCL loss beat plain title<->image
+InfoNCE on the fashion catalog, and what does each loss cost in retention of the base's general knowledge?
 
-Arms (same initial weights, same data order, same step budget; only the loss changes):
+Every arm starts from the same pretrained base (gcl/assets/gcl-base-world: pretrained from scratch on the
+general world, `experiment=pretrain_world`), as users fine-tune laion2b / webli weights, with the same data order
+and the same step budget; only the loss changes:
   clip_title          title <-> image InfoNCE: the baseline (OpenCLIP's objective)
   seven_field         GCL seven-field loss (description, title, colors, materials, categories, details, keywords)
-  seven_field_nodup   the same without duplicate-aware targets (products sharing "black" are negatives)
-  siglip_seven_field  the seven terms with the pairwise sigmoid loss
-  siglip_seven_field_nodup  the same without duplicate-aware labels (shared values labelled negative)
+  siglip_seven_field  the seven terms with the pairwise sigmoid loss (from the same CLIP-trained base: a
+                      logit bias is added at model.logit_bias_init; no sigmoid-loss base is pretrained)
   seven_field_fused   the seven_field models, evaluated with documents = 0.9 image + 0.1 title everywhere
+Opt-in (--arms): seven_field_nodup, siglip_seven_field_nodup (the same without duplicate-aware targets; with
+the softmax loss, duplicates by identical text change nothing, so seven_field_nodup must equal seven_field).
 
-Why a SigLIP no-duplicates arm too: with the softmax (CLIP) loss, duplicates by identical text change
-nothing. Rows with the same string have identical logits, so the one-hot cross entropies of k duplicate rows
-sum to exactly the soft-target ones (and in the other direction their columns are identical), so
-`seven_field_nodup` must equal `seven_field` (a check that the study can fail). The pairwise sigmoid loss
-labels each pair on its own, so there "black" vs another black product's picture really is a wrong label.
-
-Training logs in-loop metrics on the val split (the curves; any choice of weights or hyperparameters is made
-there); the final numbers come from the test split and the held-out-combination split, never used before.
-Every arm runs for each seed (trainer.seed: initial weights and data order); the table gives mean, spread
-(standard deviation over seeds) and the relative change of each arm over the baseline, in the shape of
-Marqo's tables.
+Training logs in-loop metrics on the catalog's val split (the curves; any choice is made there); the final
+numbers come from the test split and the held-out-combination split, never used before, and from the world
+retention suite (eval=world: zero-shot class / colour, text->image on the world's test and held-out splits).
+The base itself is evaluated the same way: each arm's numbers are given as the relative change over the base
+(domain gain, retention), and the goal checks compare seven_field with clip_title.
 
   python benchmarks/study_multifield.py            # the full study (3 seeds), updates BENCHMARKS.md
   python benchmarks/study_multifield.py --quick    # one seed, few steps: the same path end to end (tests)
-  python benchmarks/study_multifield.py --scale 4  # 4x the products and steps
+  python benchmarks/study_multifield.py --seeds 0 --steps 150   # a reduced budget
 """
 from __future__ import annotations
 
@@ -38,28 +36,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine  # noqa: E402
 
-ARMS = {
+sys.path.insert(0, str(ROOT))
+
+ALL_ARMS = {
     "clip_title": ["loss=clip_title"],
     "seven_field": ["loss=seven_field"],
-    "seven_field_nodup": ["loss=seven_field", "loss.duplicates=false"],
     "siglip_seven_field": ["loss=siglip_seven_field"],
+    "seven_field_nodup": ["loss=seven_field", "loss.duplicates=false"],
     "siglip_seven_field_nodup": ["loss=siglip_seven_field", "loss.duplicates=false"],
 }
+DEFAULT_ARMS = ["clip_title", "seven_field", "siglip_seven_field"]
 EVAL_ONLY_ARMS = {"seven_field_fused": "seven_field"}
 BASELINE = "clip_title"
-# (task, metric) pairs reported in the table, in Marqo's order: text-to-image, then attribute-to-product.
-REPORT = [
-    ("text2image_description", "recall@1"), ("text2image_description", "recall@10"),
-    ("text2image_description", "mrr@10"),
-    ("text2image_title", "recall@1"), ("text2image_title", "recall@10"), ("text2image_title", "mrr@10"),
-    ("category2product", "precision@1"), ("category2product", "precision@10"), ("category2product", "mrr@10"),
-    ("subcategory2product", "precision@1"), ("subcategory2product", "precision@10"),
-    ("subcategory2product", "mrr@10"),
-    ("color2product", "precision@1"), ("color2product", "precision@10"), ("color2product", "mrr@10"),
-    ("material2product", "precision@1"), ("material2product", "precision@10"), ("material2product", "mrr@10"),
-    ("heldout_text2image_title", "recall@1"), ("heldout_text2image_title", "recall@10"),
-    ("heldout_subcategory2product", "precision@1"), ("heldout_subcategory2product", "precision@10"),
-]
+BASE = "base"  # the starting model, evaluated like an arm (one value: no training, no seed)
+# Reported metrics, in Marqo's order: text-to-image, attribute-to-product, held-out; then retention.
+REPORT = [f"synthetic/{k}" for k in (
+    "text2image_description/recall@1", "text2image_description/recall@10", "text2image_description/mrr@10",
+    "text2image_title/recall@1", "text2image_title/recall@10", "text2image_title/mrr@10",
+    "category2product/precision@1", "category2product/precision@10", "category2product/mrr@10",
+    "subcategory2product/precision@1", "subcategory2product/precision@10", "subcategory2product/mrr@10",
+    "color2product/precision@1", "color2product/precision@10", "color2product/mrr@10",
+    "material2product/precision@1", "material2product/precision@10", "material2product/mrr@10",
+    "heldout_text2image_title/recall@1", "heldout_text2image_title/recall@10",
+    "heldout_subcategory2product/precision@1", "heldout_subcategory2product/precision@10")] + [
+    f"world/{k}" for k in (
+        "zeroshot_class/f1_weighted", "zeroshot_color/f1_weighted", "text2image/recall@1", "text2image/recall@10",
+        "heldout_zeroshot_class/f1_weighted", "heldout_text2image/recall@10", "avg/zeroshot/f1_weighted",
+        "avg/text2image/avg_recall")]
+# The issue's goal: seven_field vs clip_title on these P@1 (>= +10% relative), text->image (>= 0%), retention
+# (every world/avg metric within 5% of the base).
+GOAL_ATTRIBUTES = [f"synthetic/{t}/precision@1" for t in ("category2product", "color2product", "material2product")]
+GOAL_TEXT2IMAGE = ["synthetic/text2image_title/recall@10", "synthetic/text2image_description/recall@10"]
+GOAL_RETENTION = ["world/avg/zeroshot/f1_weighted", "world/avg/text2image/avg_recall"]
 CURVE_METRICS = ["synthetic/avg/text2image/recall@10", "synthetic/avg/attribute2product/precision@10"]
 MARK_START, MARK_END = "<!-- study:start -->", "<!-- study:end -->"
 
@@ -69,26 +77,40 @@ def train(arm: str, seed: int, run_dir: Path, a: argparse.Namespace) -> None:
         step = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["step"]
         if step >= a.steps:
             return  # finished earlier (the study can be resumed)
-    cmd = [sys.executable, "train.py", *ARMS[arm], f"trainer.seed={seed}", f"trainer.max_steps={a.steps}",
+    from gcl.assets import BASE_WEIGHTS
+
+    cmd = [sys.executable, "train.py", "model=base", f"model.pretrained={BASE_WEIGHTS}", f"optim.lr={a.lr}",
+           f"sched.warmup_steps={a.warmup}", *ALL_ARMS[arm], f"trainer.seed={seed}", f"trainer.max_steps={a.steps}",
            f"trainer.eval_every={a.eval_every}", "trainer.save_every=0", "trainer.log_every=10",
            f"data.synthetic.products={a.products}", f"data.batch_size={a.batch_size}",
            "logger.wandb.mode=disabled", "logger.progress=false", "export.enabled=false",
            "eval.gallery.enabled=false", f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
-    if a.cache_dir:
-        cmd.append(f"data.synthetic.cache_dir={a.cache_dir}")
+    cmd += _data_overrides(a)
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
-def test_suite(fused: bool):
-    """The synthetic eval suite moved from the val split to the test split (held-out split kept)."""
-    sys.path.insert(0, str(ROOT))
+def _data_overrides(a: argparse.Namespace) -> list[str]:
+    out = [f"data.synthetic.cache_dir={a.cache_dir}"] if a.cache_dir else []
+    if a.world_cache_dir:
+        out.append(f"data.world.cache_dir={a.world_cache_dir}")
+    if a.world_samples:
+        out.append(f"data.world.samples={a.world_samples}")
+    return out
+
+
+def suites(fused: bool, a: argparse.Namespace):
+    """The evaluate config, the synthetic suite moved from the val split to the test split (held-out split kept),
+    and the world retention suite."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     import gcl.config  # noqa: F401
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=["eval=synthetic", "eval.gallery.enabled=false"])
+        cfg = compose(config_name="evaluate", overrides=["eval=synthetic", "eval.gallery.enabled=false",
+                                                          f"data.synthetic.products={a.products}",
+                                                          *_data_overrides(a)])
+        world = compose(config_name="evaluate", overrides=["eval=world", "eval.gallery.enabled=false"]).eval
     ev = copy.deepcopy(cfg.eval)
     OmegaConf.set_struct(ev, False)
     for t in ev.tasks:
@@ -97,29 +119,32 @@ def test_suite(fused: bool):
         t.num_queries = 0  # every query of the split
         if fused and t.kind == "retrieval" and list(t.doc.fields) == ["image"]:
             t.doc.fields, t.doc.weights = ["image", "title"], [0.9, 0.1]
-    return cfg, ev
+    return cfg, ev, world
 
 
-def evaluate(run_dir: Path, fused: bool, a: argparse.Namespace) -> dict[str, float]:
+def evaluate(run_dir: Path | None, fused: bool, a: argparse.Namespace) -> dict[str, float]:
+    """Domain (test split) and retention (world) metrics of a run's final model, or of the base (None)."""
+    from omegaconf import OmegaConf
+
+    from gcl.assets import BASE_MODEL_NAME, BASE_WEIGHTS
     from gcl.data import resolve_splits
     from gcl.eval.run import evaluate_model, load_model_for_eval
 
-    cfg, ev = test_suite(fused)
-    cfg.data.synthetic.products = a.products
-    if a.cache_dir:
-        cfg.data.synthetic.cache_dir = a.cache_dir
-    bundle = load_model_for_eval(_model_node(cfg, run_dir), device="cpu")
-    return evaluate_model(bundle, ev, splits=resolve_splits(cfg.data), context_length=dict(cfg.data.context_length),
-                          default_context_length=cfg.data.default_context_length, list_sep=cfg.data.list_sep)
-
-
-def _model_node(cfg, run_dir: Path):
-    from omegaconf import OmegaConf
-
+    cfg, ev, world = suites(fused, a)
     node = copy.deepcopy(cfg.model)
     OmegaConf.set_struct(node, False)
-    node.checkpoint = str(run_dir)
-    return node
+    if run_dir is None:
+        node.name, node.pretrained = BASE_MODEL_NAME, str(BASE_WEIGHTS)
+    else:
+        node.checkpoint = str(run_dir)
+    bundle = load_model_for_eval(node, device="cpu")
+    d = cfg.data
+    out = {}
+    for suite in (ev, world):
+        splits = resolve_splits(d, extra=[t.split for t in suite.tasks])
+        out.update(evaluate_model(bundle, suite, splits=splits, context_length=dict(d.context_length),
+                                  default_context_length=d.default_context_length, list_sep=d.list_sep))
+    return out
 
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -133,44 +158,64 @@ def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def summarize(results: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
-    """arm -> "task/metric" -> {mean, sd, rel} (rel: relative change of the mean over the baseline's mean)."""
+    """arm -> metric -> {mean, sd, n, rel_base, rel_baseline}: relative changes of the mean over the base's value
+    and over the baseline arm's mean."""
     table: dict[str, dict[str, dict[str, float]]] = {}
     for arm, by_seed in results.items():
         table[arm] = {}
-        for task, metric in REPORT:
-            key = f"synthetic/{task}/{metric}"
+        for key in REPORT:
             vals = [m[key] for m in by_seed.values() if key in m]
-            if not vals:
-                continue
-            table[arm][f"{task}/{metric}"] = {"mean": statistics.fmean(vals),
-                                              "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
-    base = table.get(BASELINE, {})
+            if vals:
+                table[arm][key] = {"mean": statistics.fmean(vals),
+                                   "sd": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
     for arm in table:
         for k, v in table[arm].items():
-            b = base.get(k, {}).get("mean")
-            v["rel"] = (v["mean"] / b - 1.0) if b else float("nan")
+            for ref, name in ((BASE, "rel_base"), (BASELINE, "rel_baseline")):
+                b = table.get(ref, {}).get(k, {}).get("mean")
+                v[name] = (v["mean"] / b - 1.0) if b else float("nan")
     return table
+
+
+def goals(table: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, str, bool | None]]:
+    """The issue's goal, checked on the means: (what, measured, met). None where an arm is missing."""
+    seven = table.get("seven_field", {})
+    out: list[tuple[str, str, bool | None]] = []
+    for k in GOAL_ATTRIBUTES:
+        r = seven.get(k, {}).get("rel_baseline")
+        out.append((f"seven_field vs clip_title, {k}: >= +10%", "-" if r is None else f"{r:+.1%}",
+                    None if r is None else r >= 0.10))
+    for k in GOAL_TEXT2IMAGE:
+        r = seven.get(k, {}).get("rel_baseline")
+        out.append((f"seven_field vs clip_title, {k}: >= 0%", "-" if r is None else f"{r:+.1%}",
+                    None if r is None else r >= 0.0))
+    for k in GOAL_RETENTION:
+        r = seven.get(k, {}).get("rel_base")
+        out.append((f"seven_field retention, {k}: within 5% of the base", "-" if r is None else f"{r:+.1%}",
+                    None if r is None else r >= -0.05))
+    return out
+
+
+def _cell(v: dict[str, float] | None, arm: str) -> str:
+    if v is None:
+        return "-"
+    if arm == BASE:
+        return f"{v['mean']:.3f}"
+    return f"{v['mean']:.3f} ± {v['sd']:.3f} [{v['rel_base'] * 100:+.0f}%]"
 
 
 def markdown(table: dict, a: argparse.Namespace, seconds: float) -> str:
     arms = list(table)
-    lines = [f"Test split of the synthetic catalog ({a.products} products, seed 0), tiny ViT (`gcl-tiny`), "
-             f"{a.steps} steps x batch {a.batch_size}, seeds {a.seeds}; mean ± sd over seeds, and in brackets "
-             f"the relative change over `{BASELINE}`. Machine: {machine()}. Study wall time {seconds / 60:.1f} min.",
-             "", "| task / metric | " + " | ".join(f"`{x}`" for x in arms) + " |",
-             "|---|" + "---|" * len(arms)]
-    for task, metric in REPORT:
-        k = f"{task}/{metric}"
-        cells = []
-        for arm in arms:
-            v = table[arm].get(k)
-            if v is None:
-                cells.append("-")
-            elif arm == BASELINE:
-                cells.append(f"{v['mean']:.3f} ± {v['sd']:.3f}")
-            else:
-                cells.append(f"{v['mean']:.3f} ± {v['sd']:.3f} [{v['rel'] * 100:+.0f}%]")
-        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines = [f"Every arm fine-tunes the shipped base (`gcl-base`, gcl/assets/gcl-base-world) for {a.steps} steps x "
+             f"batch {a.batch_size} at lr {a.lr} (warmup {a.warmup}) on the synthetic catalog ({a.products} "
+             f"products); seeds {a.seeds}. Domain: the catalog's test and held-out splits; retention: the world "
+             f"suite (`eval=world`). Mean ± sd over seeds, in brackets the relative change over the base "
+             f"(column `base`). Machine: {machine()}. Study wall time {seconds / 60:.1f} min.",
+             "", "| metric | " + " | ".join(f"`{x}`" for x in arms) + " |", "|---|" + "---|" * len(arms)]
+    for k in REPORT:
+        lines.append(f"| {k} | " + " | ".join(_cell(table[arm].get(k), arm) for arm in arms) + " |")
+    lines += ["", "Goal (issue 14), on the means:", "", "| check | measured | met |", "|---|---:|---|"]
+    lines += [f"| {what} | {got} | {'-' if ok is None else ('yes' if ok else 'no')} |"
+              for what, got, ok in goals(table)]
     return "\n".join(lines)
 
 
@@ -197,27 +242,32 @@ def plot(all_curves: dict[str, list[dict]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1 seed, 40 steps, 600 products (<= 5 min)")
+    p.add_argument("--quick", action="store_true", help="1 seed, 20 steps, 600 products, small world (tests)")
+    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ALL_ARMS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--products", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--scale", type=float, default=1.0, help="multiply products and steps")
+    p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning lr (the demo's, conf/experiment/demo.yaml)")
+    p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--out", default=None, help="output dir (default benchmarks/results/study[_quick])")
     p.add_argument("--cache-dir", default=None, help="synthetic catalog cache (default: the trainer's)")
+    p.add_argument("--world-cache-dir", default=None, help="world cache (default: the trainer's)")
+    p.add_argument("--world-samples", type=int, default=None, help="world size (default: data.world.samples)")
     p.add_argument("--no-update", action="store_true", help="do not rewrite the study section of BENCHMARKS.md")
     a = p.parse_args(argv)
     if a.quick:
-        a.seeds, a.steps, a.eval_every, a.products, a.batch_size = a.seeds[:1], 40, 20, 600, 32
-    a.products, a.steps = int(a.products * a.scale), int(a.steps * a.scale)
+        a.seeds, a.steps, a.eval_every, a.products, a.batch_size = a.seeds[:1], 20, 10, 600, 32
+        a.world_samples = a.world_samples or 1200
     out = Path(a.out or ROOT / "benchmarks" / "results" / ("study_quick" if a.quick else "study"))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results: dict[str, dict[int, dict[str, float]]] = {arm: {} for arm in [*ARMS, *EVAL_ONLY_ARMS]}
-    all_curves: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    results: dict[str, dict[int, dict[str, float]]] = {BASE: {0: evaluate(None, fused=False, a=a)}}
+    results.update({arm: {} for arm in [*a.arms, *(e for e, src in EVAL_ONLY_ARMS.items() if src in a.arms)]})
+    all_curves: dict[str, list[dict]] = {arm: [] for arm in a.arms}
     for seed in a.seeds:
-        for arm in ARMS:
+        for arm in a.arms:
             run_dir = out / "runs" / f"{arm}-seed{seed}"
             t = time.perf_counter()
             train(arm, seed, run_dir, a)
@@ -232,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     md = markdown(table, a, seconds)
     plot(all_curves, out / "curves.png")
     raw = {"settings": vars(a), "machine": machine(), "seconds": seconds, "per_seed": results, "summary": table,
-           "curves": all_curves}
+           "goals": goals(table), "curves": all_curves}
     (out / "study.json").write_text(json.dumps(raw, indent=1))
     (out / "table.md").write_text(md + "\n")
     if not a.quick and not a.no_update:

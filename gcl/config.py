@@ -262,14 +262,24 @@ def rank_run_dir(path: str) -> str:
     return str(Path(tempfile.gettempdir()) / f"gcl-rank{rank}" / path)
 
 
+def base_weights_path() -> str:
+    """``${gcl_base_weights:}``: the shipped base model's weights file (gcl/assets), wherever gcl is installed
+    and whatever the working directory; ``experiment=demo`` fine-tunes it."""
+    from gcl.assets import BASE_WEIGHTS
+
+    return str(BASE_WEIGHTS)
+
+
 def register() -> None:
-    """Register the schemas (the YAML defaults lists name them: ``train_schema``, ``evaluate_schema``) and the
-    ``gcl_rank_dir`` resolver used by the default Hydra run dirs."""
+    """Register the schemas (the YAML defaults lists name them: ``train_schema``, ``evaluate_schema``), the
+    ``gcl_rank_dir`` resolver used by the default Hydra run dirs and ``gcl_base_weights`` (the shipped base)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     if not OmegaConf.has_resolver("gcl_rank_dir"):
         OmegaConf.register_new_resolver("gcl_rank_dir", rank_run_dir)
+    if not OmegaConf.has_resolver("gcl_base_weights"):
+        OmegaConf.register_new_resolver("gcl_base_weights", base_weights_path)
 
 
 register()
@@ -521,6 +531,8 @@ def validate(cfg: DictConfig) -> None:
         _fail("trainer.best_metric", "needs trainer.eval_every > 0 to pick a best checkpoint during training")
     if t.best_metric:
         validate_best_metric(t.best_metric, cfg.eval)
+    for i, name in enumerate(cfg.eval.summary):
+        validate_metric_name(f"eval.summary[{i}]", name, cfg.eval)
     if t.resume_changes not in RESUME_CHANGES:
         _fail("trainer.resume_changes", f"{t.resume_changes!r} is not one of {', '.join(RESUME_CHANGES)}")
     validate_optim(cfg.optim, cfg.sched)
@@ -529,6 +541,11 @@ def validate(cfg: DictConfig) -> None:
 
 def validate_best_metric(name: str, eval_cfg: DictConfig) -> None:
     """``trainer.best_metric`` must be a name the eval suite reports (derived from its config, no model)."""
+    validate_metric_name("trainer.best_metric", name, eval_cfg)
+
+
+def validate_metric_name(key: str, name: str, eval_cfg: DictConfig) -> None:
+    """The metric ``name`` given at config key ``key`` must be one the eval suite reports (from its config)."""
     import difflib
 
     from gcl.eval.tasks import metric_names
@@ -538,7 +555,7 @@ def validate_best_metric(name: str, eval_cfg: DictConfig) -> None:
         return
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(close)}?" if close else f"the suite {eval_cfg.name!r} reports e.g. {names[:3]}"
-    _fail("trainer.best_metric", f"{name!r} is not a metric of eval={eval_cfg.name} ({len(names)} names: "
+    _fail(key, f"{name!r} is not a metric of eval={eval_cfg.name} ({len(names)} names: "
           f"<suite>/<task or aggregate>/<metric>); {hint}")
 
 

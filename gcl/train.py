@@ -32,6 +32,7 @@ from gcl import config as gcl_config
 from gcl import resume
 from gcl.checkpoint import (
     CheckpointManager,
+    atomic_write_text,
     find_checkpoint,
     load_checkpoint,
     load_newest_intact,
@@ -637,6 +638,7 @@ class Trainer:
                 self._log_eval(logger, self.evaluate())
             self.save()
             logger.write(f"done: {self.step} steps in {time.perf_counter() - t_start:.1f}s; run dir {self.run_dir}")
+            self._write_summary(logger)
             if cfg.export.enabled and self.is_main:
                 self._export()
             acc.wait_for_everyone()
@@ -708,6 +710,27 @@ class Trainer:
         head = ", ".join(f"{k}={v:.4f}" for k, v in list(metrics.items())[:6])
         logger.write(f"eval @ step {self.step}: {head}")
         self._maybe_best(metrics)
+
+    def _write_summary(self, logger: RunLogger) -> None:
+        """The ``eval.summary`` table: the run's first evaluation on disk (step 0: the starting model, also after
+        a resume) against the last one, printed and written to ``eval/summary.md``."""
+        import json
+        import re
+
+        from gcl.eval.report import before_after_table
+
+        names = list(self.cfg.eval.summary)
+        if not names or not self.is_main or not self.last_eval:
+            return
+        steps = sorted((int(m.group(1)), f) for f in (self.run_dir / "eval").glob("step_*.json")
+                       if (m := re.fullmatch(r"step_(\d+)\.json", f.name)))
+        if not steps or steps[0][0] >= self.step:
+            return
+        first_step, first_file = steps[0]
+        table = before_after_table(names, json.loads(first_file.read_text()), self.last_eval,
+                                   before_step=first_step, after_step=self.step)
+        atomic_write_text(table, self.run_dir / "eval" / "summary.md")
+        logger.write(f"before/after (eval.summary; {self.run_dir / 'eval' / 'summary.md'}):\n{table}")
 
     def _export(self) -> None:
         from gcl.export import export_model

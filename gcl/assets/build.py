@@ -2,6 +2,7 @@
 
     python -m gcl.assets.build                      # train experiment=pretrain_world, then ship it
     python -m gcl.assets.build --run-dir DIR --skip-train   # ship an existing pretrain_world run
+    python -m gcl.assets.build --resume [OVERRIDES]         # continue an interrupted build, then ship it
 
 Training runs ``python train.py experiment=pretrain_world hydra.run.dir=RUN_DIR`` in a subprocess and records
 its wall time and the machine's load averages (``os.getloadavg``) before and after: on a shared machine they
@@ -40,8 +41,17 @@ TRAIN_COMMAND = ["train.py", "experiment=pretrain_world"]
 MAX_MIB = 8.0
 
 
+def _first_start(run_dir: Path) -> str | None:
+    """The time stamp of the run's first ``train.log`` line (the first launch, also after resumes)."""
+    log_file = run_dir / "train.log"
+    if not log_file.is_file():
+        return None
+    m = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", log_file.read_text())
+    return m.group(1) if m else None
+
+
 def train(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """Run the pretraining; return {"command", "wall_s", "load_before", "load_after"}."""
+    """Run the pretraining; return {"command", "wall_s", "load_before", "load_after"} (this launch's)."""
     if not (REPO / "train.py").is_file():
         raise FileNotFoundError(f"{REPO / 'train.py'} not found: rebuild the base from a gcl checkout (the recipe is "
                                 "conf/experiment/pretrain_world.yaml), or ship an existing run with --skip-train")
@@ -151,6 +161,9 @@ def card_section(m: dict[str, Any]) -> str:
              f"- sha256: `{m['sha256']}`",
              f"- Steps: {m['step']}",
              ]
+    if t.get("resumed"):
+        lines.append(f"- Trained in more than one launch (resumed exactly with `trainer.resume=auto`): first launch "
+                     f"{t['first_start']}, finished {t['finished']} (UTC); the times below are the last launch's")
     if "wall_s" in t:
         lines.append(f"- Training command wall time: {t['wall_s']:.0f} s (the trainer's steps and evaluations: "
                      f"{t['trainer_s']:.0f} s) on {m['machine']['cpus']} CPUs")
@@ -168,17 +181,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="where the pretraining run goes (or is, with --skip-train)")
     p.add_argument("--out", type=Path, default=BASE_DIR, help="the base folder to write (default: the shipped one)")
     p.add_argument("--skip-train", action="store_true", help="ship an existing run dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted build in --run-dir (trainer.resume=auto), then ship it")
     p.add_argument("--max-mib", type=float, default=MAX_MIB)
     p.add_argument("overrides", nargs="*", help="extra train.py overrides (recipe development)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_dir = a.run_dir.resolve()
     training = None
-    if not a.skip_train:
+    if not a.skip_train and not a.resume:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise FileExistsError(f"{run_dir} is not empty: delete it, pass another --run-dir, or ship it with "
                                   "--skip-train")
         training = train(run_dir, list(a.overrides))
+    elif a.resume:
+        # an interrupted build (SIGTERM saves a checkpoint): continue it exactly, then ship
+        training = train(run_dir, [*a.overrides, "trainer.resume=auto"])
+        training.update(resumed=True, first_start=_first_start(run_dir), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     manifest = ship(run_dir, a.out.resolve(), training=training, max_mib=a.max_mib)
     log.info("shipped %s: sha256 %s, %d bytes", a.out, manifest["sha256"], manifest["bytes"])
     return manifest

@@ -1,4 +1,5 @@
-"""Human-readable outputs of an evaluation: leaderboard-style markdown tables and a retrieval gallery PNG."""
+"""Human-readable outputs of an evaluation: leaderboard-style markdown tables, a run's before/after table and a
+retrieval gallery PNG."""
 from __future__ import annotations
 
 import math
@@ -80,6 +81,21 @@ class GalleryRow:
     images: Sequence[Image.Image | None]
     hits: Sequence[bool]
     n_relevant: int = 0
+
+
+def before_after_table(names: Sequence[str], before: Mapping[str, float], after: Mapping[str, float], *,
+                       before_step: int, after_step: int) -> str:
+    """A markdown table of ``names``: the value at ``before_step``, at ``after_step``, and the change (absolute and
+    relative to the first value). A metric missing from either side shows ``-``."""
+    out = [f"| metric | step {before_step} | step {after_step} | change | relative |", "|---|---:|---:|---:|---:|"]
+    for name in names:
+        b, a = before.get(name), after.get(name)
+        if b is None or a is None:
+            out.append(f"| {name} | {_fmt(b)} | {_fmt(a)} | - | - |")
+            continue
+        rel = f"{(a - b) / abs(b):+.1%}" if b else "-"
+        out.append(f"| {name} | {b:.3f} | {a:.3f} | {a - b:+.3f} | {rel} |")
+    return "\n".join(out) + "\n"
 
 
 def _font(size: int) -> ImageFont.ImageFont:

@@ -159,3 +159,6 @@ class EvalConfig:
     # (Marqo's leaderboard columns AvgRecall / AvgP); computed where all parts exist.
     means: dict[str, list[str]] = field(default_factory=dict)
     gallery: GalleryConfig = field(default_factory=GalleryConfig)
+    # Metric names shown side by side at the end of a training run: the run's first evaluation (step 0: the
+    # starting model) against its last, so a fine-tune's domain gain and its retention read in one table.
+    summary: list[str] = field(default_factory=list)

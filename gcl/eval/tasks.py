@@ -784,12 +784,13 @@ def metric_names(cfg: Any) -> list[str]:
     for t in cfg.tasks:
         ms = [str(m) for m in t.metrics]
         per_task[str(t.name)] = ms + [n for n, parts in means.items() if parts and all(p in ms for p in parts)]
-    names = [f"{cfg.name}/{t}/{m}" for t, ms in per_task.items() for m in ms]
+    prefix = f"{cfg.name}/" if cfg.name else ""  # an empty suite name: the task names carry their suites
+    names = [f"{prefix}{t}/{m}" for t, ms in per_task.items() for m in ms]
     for a in cfg.aggregates:
         matched = [t for t in per_task if any(fnmatch.fnmatchcase(t, p) for p in a.tasks)]
         if not matched:
             continue
         shared = set.intersection(*(set(per_task[t]) for t in matched))
         wanted = [m for m in a.metrics if m in shared] if a.metrics else sorted(shared)
-        names += [f"{cfg.name}/{a.name}/{m}" for m in wanted]
+        names += [f"{prefix}{a.name}/{m}" for m in wanted]
     return names
