@@ -80,7 +80,7 @@ def train(arm: str, seed: int, run_dir: Path, a: argparse.Namespace) -> None:
     from gcl.assets import BASE_WEIGHTS
 
     cmd = [sys.executable, "train.py", "model=base", f"model.pretrained={BASE_WEIGHTS}", f"optim.lr={a.lr}",
-           f"sched.warmup_steps={a.warmup}", *ALL_ARMS[arm], f"trainer.seed={seed}", f"trainer.max_steps={a.steps}",
+           f"sched.warmup_steps={a.warmup}", f"trainer.threads={a.threads}", *ALL_ARMS[arm], f"trainer.seed={seed}", f"trainer.max_steps={a.steps}",
            f"trainer.eval_every={a.eval_every}", "trainer.save_every=0", "trainer.log_every=10",
            f"data.synthetic.products={a.products}", f"data.batch_size={a.batch_size}",
            "logger.wandb.mode=disabled", "logger.progress=false", "export.enabled=false",
@@ -206,7 +206,7 @@ def _cell(v: dict[str, float] | None, arm: str) -> str:
 def markdown(table: dict, a: argparse.Namespace, seconds: float) -> str:
     arms = list(table)
     lines = [f"Every arm fine-tunes the shipped base (`gcl-base`, gcl/assets/gcl-base-world) for {a.steps} steps x "
-             f"batch {a.batch_size} at lr {a.lr} (warmup {a.warmup}) on the synthetic catalog ({a.products} "
+             f"batch {a.batch_size} at lr {a.lr} (warmup {a.warmup}, {a.threads} thread(s)) on the synthetic catalog ({a.products} "
              f"products); seeds {a.seeds}. Domain: the catalog's test and held-out splits; retention: the world "
              f"suite (`eval=world`). Mean ± sd over seeds, in brackets the relative change over the base "
              f"(column `base`). Machine: {machine()}. Study wall time {seconds / 60:.1f} min.",
@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning lr (the demo's, conf/experiment/demo.yaml)")
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads in training and evaluation (1: fastest on a busy 2-core machine)")
     p.add_argument("--out", default=None, help="output dir (default benchmarks/results/study[_quick])")
     p.add_argument("--cache-dir", default=None, help="synthetic catalog cache (default: the trainer's)")
     p.add_argument("--world-cache-dir", default=None, help="world cache (default: the trainer's)")
@@ -260,6 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     if a.quick:
         a.seeds, a.steps, a.eval_every, a.products, a.batch_size = a.seeds[:1], 20, 10, 600, 32
         a.world_samples = a.world_samples or 1200
+    import torch
+
+    torch.set_num_threads(a.threads)
     out = Path(a.out or ROOT / "benchmarks" / "results" / ("study_quick" if a.quick else "study"))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

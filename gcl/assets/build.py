@@ -50,6 +50,18 @@ def _first_start(run_dir: Path) -> str | None:
     return m.group(1) if m else None
 
 
+def _launches(run_dir: Path) -> list[dict[str, Any]]:
+    """Each launch of the run, from the config history gcl.resume keeps (``.hydra/overrides.step_<N>.yaml``):
+    the step it started at and its train.py command (the run dir left out)."""
+    import yaml
+
+    out = []
+    for f in sorted((run_dir / ".hydra").glob("overrides.step_*.yaml")):
+        args = [o for o in yaml.safe_load(f.read_text()) or [] if not o.startswith("hydra.run.dir=")]
+        out.append({"from_step": int(f.stem.split("_")[-1]), "command": " ".join(["python train.py", *args])})
+    return sorted(out, key=lambda x: x["from_step"])
+
+
 def train(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Run the pretraining; return {"command", "wall_s", "load_before", "load_after"} (this launch's)."""
     if not (REPO / "train.py").is_file():
@@ -127,7 +139,7 @@ def ship(run_dir: Path, out: Path, *, training: dict[str, Any] | None, max_mib: 
             "sha256": sha256(tmp / WEIGHTS_NAME), "bytes": size,
             "params": int(sum(v.numel() for v in half.values())), "step": src.step,
             "rebuild": "python -m gcl.assets.build",
-            "training": {**(training or {}), "trainer_s": _trainer_seconds(run_dir)},
+            "training": {**(training or {}), "trainer_s": _trainer_seconds(run_dir), "launches": _launches(run_dir)},
             "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                         "processor": platform.processor() or platform.machine()},
             "world_eval": _world_metrics(run_dir, src.step),
@@ -162,8 +174,11 @@ def card_section(m: dict[str, Any]) -> str:
              f"- Steps: {m['step']}",
              ]
     if t.get("resumed"):
-        lines.append(f"- Trained in more than one launch (resumed exactly with `trainer.resume=auto`): first launch "
-                     f"{t['first_start']}, finished {t['finished']} (UTC); the times below are the last launch's")
+        lines.append(f"- Trained in {len(t['launches'])} launches, each resuming the last one's checkpoint with "
+                     f"`trainer.resume=auto` (settings changed at a resume apply from that step, as gcl.resume "
+                     f"logs them): first launch {t['first_start']}, finished {t['finished']} (UTC); the times below "
+                     "are the last launch's. The launches:")
+        lines += [f"  - from step {x['from_step']}: `{x['command']}`" for x in t["launches"]]
     if "wall_s" in t:
         lines.append(f"- Training command wall time: {t['wall_s']:.0f} s (the trainer's steps and evaluations: "
                      f"{t['trainer_s']:.0f} s) on {m['machine']['cpus']} CPUs")
