@@ -106,6 +106,26 @@ def _reachable(url: str) -> bool:
         return False
 
 
+class _NoRandomInitWarning(logging.Filter):
+    """Drops open_clip's "initialized randomly" warning: with a weights file gcl loads the file right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _quiet_random_init(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    f = _NoRandomInitWarning()
+    logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
+
+
 @contextlib.contextmanager
 def _hub_offline(enabled: bool) -> Iterator[None]:
     """Put huggingface_hub in offline mode for the block (cached files resolve with no HTTP request).
@@ -377,7 +397,7 @@ def create_with_weights(name: str, pretrained: str | None, *, precision: str, de
     """
     src = _resolve_source(name, pretrained, cache_dir)
     tag = pretrained if src.kind == "tag" else None
-    with _hub_offline(src.offline):
+    with _hub_offline(src.offline), _quiet_random_init(src.kind == "file"):
         try:
             model = open_clip.create_model(
                 name, pretrained=tag, load_weights=src.kind in ("tag", "hub", "dir"), precision=precision,
