@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -200,7 +201,8 @@ def _cell(v: dict[str, float] | None, arm: str) -> str:
         return "-"
     if arm == BASE:
         return f"{v['mean']:.3f}"
-    return f"{v['mean']:.3f} ± {v['sd']:.3f} [{v['rel_base'] * 100:+.0f}%]"
+    rel = "base 0" if math.isnan(v["rel_base"]) else f"{v['rel_base'] * 100:+.0f}%"
+    return f"{v['mean']:.3f} ± {v['sd']:.3f} [{rel}]"
 
 
 def markdown(table: dict, a: argparse.Namespace, seconds: float) -> str:

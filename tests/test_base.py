@@ -55,7 +55,10 @@ def test_shipped_weights_match_their_recorded_checksum() -> None:
     from safetensors import safe_open
 
     with safe_open(str(BASE_WEIGHTS), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    # every float tensor in fp16; the only others are the ResNet BatchNorms' step counters
+    assert {d for k, d in dtypes.items() if not k.endswith("num_batches_tracked")} == {"F16"}
+    assert {d for k, d in dtypes.items() if k.endswith("num_batches_tracked")} <= {"I64"}
 
 
 def hf_cache(root: Path, repo_id: str, folder: Path) -> Path:
@@ -173,8 +176,9 @@ def test_retention_suite_scores_the_base_well_above_chance(base_world_metrics: d
     assert m["world/heldout_text2image/recall@10"] >= 4 * 10 / n_test, m
 
 
-DEMO_SUMMARY = ["synthetic/avg/retrieval/mrr@10", "synthetic/avg/text2image/recall@10",
-                "synthetic/avg/attribute2product/precision@10"]
+# MRR and P@1: the tiny catalog's val split has a few dozen documents, so recall@10 / P@10 are near saturation
+DEMO_SUMMARY = ["synthetic/avg/text2image/mrr@10", "synthetic/avg/retrieval/mrr@10",
+                "synthetic/avg/attribute2product/precision@1"]
 
 
 def test_short_finetune_from_the_base_improves_the_domain(tmp_path: Path, catalog_cache: Path) -> None:
