@@ -44,6 +44,20 @@ def test_generated_dataset_rules_name_the_key() -> None:
         validate(compose("train", ["loss=world"]))  # the fashion catalog has no caption field
 
 
+def test_demo_summary_names_are_checked_against_the_suite() -> None:
+    """experiment=demo: the shipped base's weights, both suites, a before/after table of metrics the suite
+    reports; a misspelt summary metric fails before anything is built, naming the key and the closest name."""
+    from gcl.assets import BASE_WEIGHTS
+
+    cfg = compose("train", ["experiment=demo"])
+    validate(cfg)
+    assert cfg.model.pretrained == str(BASE_WEIGHTS) and cfg.eval.summary
+    assert {n.split("/")[0] for n in cfg.eval.summary} == {"synthetic", "world"}
+    with pytest.raises(ConfigError, match=r"eval\.summary\[1\].*did you mean world/zeroshot_class/f1_weighted"):
+        validate(compose("train", ["experiment=demo",
+                                   "eval.summary=[world/avg/zeroshot/accuracy,world/zeroshot_clas/f1_weighted]"]))
+
+
 def test_resolve_splits_adds_generated_splits_on_request(tmp_path: Path) -> None:
     cfg = compose("train", [f"data.world.cache_dir={tmp_path / 'w'}", "data.world.samples=24",
                             "data.world.workers=1", "data.train_shards='/data/shard-{000000..000003}.tar'"])
