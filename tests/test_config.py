@@ -74,8 +74,15 @@ def test_allowed_absent_field_passes_the_synthetic_field_check():
 def test_experiment_presets_compose_and_validate(name):
     cfg = compose("train", [f"experiment={name}"])
     validate(cfg)
-    assert cfg.model.name.startswith("ViT-B-16")
-    assert cfg.model.pretrained
+    if name == "pretrain_world":  # the shipped base's recipe: trained from scratch
+        assert cfg.model.name == "gcl-base" and cfg.model.pretrained is None
+    elif name == "demo":  # fine-tunes the shipped base
+        from gcl.assets import BASE_WEIGHTS
+
+        assert cfg.model.name == "gcl-base" and cfg.model.pretrained == str(BASE_WEIGHTS)
+    else:  # the published recipes start from real pretrained ViT-B-16 weights
+        assert cfg.model.name.startswith("ViT-B-16")
+        assert cfg.model.pretrained
 
 
 def test_experiment_recipes_match_their_papers():
