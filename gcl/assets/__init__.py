@@ -30,8 +30,8 @@ def base_manifest() -> dict[str, Any]:
     """The shipped base's manifest; raises FileNotFoundError naming the rebuild command when it is missing."""
     if not BASE_MANIFEST.is_file() or not BASE_WEIGHTS.is_file():
         raise FileNotFoundError(f"the shipped base model is missing from {BASE_DIR}; rebuild it with "
-                                "`python -m gcl.assets.build` (trains experiment=pretrain_world, ~20 min on 2 CPU "
-                                "cores)")
+                                "`python -m gcl.assets.build` (trains experiment=pretrain_world; its manifest and "
+                                "card give the exact commands and times)")
     return json.loads(BASE_MANIFEST.read_text())
 
 
