@@ -4,10 +4,11 @@ Reading order: :func:`run` (entry) -> :meth:`Trainer.fit` (loop) -> :meth:`Train
 backward, optimizer step) -> :class:`gcl.loss.GCLLoss`.
 
 Distributed runs (``torchrun`` / ``accelerate launch``) use accelerate for process-group setup, device placement,
-mixed precision and DDP. Only rank 0 writes logs, checkpoints and exports.
+mixed precision and DDP; ``trainer.strategy=fsdp`` shards the model with FSDP2 instead (``gcl.fsdp``), with the
+same step, the same checkpoint files and the same evaluation. Only rank 0 writes logs, checkpoints and exports.
 
 Lives here: the ``Trainer`` (its build steps, checkpoint state and resume, the step, in-loop eval, the loop,
-logging) and ``run``. Not here: collectives (``gcl.distributed``), SLURM env and stop signals
+logging) and ``run``. Not here: collectives (``gcl.distributed``), FSDP2 sharding (``gcl.fsdp``), SLURM env and stop signals
 (``gcl.launch``), the model (``gcl.model``), the loss (``gcl.loss``), data (``gcl.data``), evaluation
 (``gcl.eval.run``), checkpoint files (``gcl.checkpoint``), their object-storage mirror (``gcl.remote``), export (``gcl.export``).
 """
@@ -42,6 +43,13 @@ from gcl.checkpoint import (
 )
 from gcl.distributed import all_reduce_sum, gather_checked, gather_objects
 from gcl.flops import StepFlops, compute_dtype, resolve_peak_tflops
+from gcl.fsdp import (
+    average_replicated_grads,
+    clip_grad_norm_,
+    load_full_model_state,
+    shard_optimizer_state,
+    unsharded,
+)
 from gcl.launch import INTERRUPTED_EXIT, StopSignal, slurm_to_torch_env
 from gcl.log import RunLogger, Throughput, console_logging, cut_metrics, report_failure
 from gcl.remote import RemoteSync, fetch_for_resume
@@ -74,8 +82,9 @@ def slice_batch(x: Any, sl: slice) -> Any:
 
 
 class _Forward(nn.Module):
-    """What DDP wraps: the field encoder plus the logit scale/bias, so every trainable parameter is reached
-    through DDP's forward and its gradient is averaged by DDP's reducer."""
+    """What DDP wraps (and FSDP2 shards as its root): the field encoder plus the logit scale/bias, so every
+    trainable parameter is reached through the wrapper's forward and its gradient is averaged over ranks.
+    ``fields`` of a call default to the loss's (an evaluation passes its own)."""
 
     def __init__(self, encoder: nn.Module, model: nn.Module, fields: list[str]) -> None:
         super().__init__()
@@ -83,8 +92,9 @@ class _Forward(nn.Module):
         self.model = model
         self.fields = fields
 
-    def forward(self, batch: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
-        feats = self.encoder(batch, self.fields)
+    def forward(self, batch: dict[str, Any], fields: list[str] | None = None
+                ) -> tuple[dict[str, Tensor], Tensor, Tensor | None]:
+        feats = self.encoder(batch, self.fields if fields is None else fields)
         return feats, self.model.logit_scale, getattr(self.model, "logit_bias", None)
 
 
@@ -154,9 +164,18 @@ class Trainer:
         mp = t.mixed_precision
         if mp == "auto":
             mp = "no" if use_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        if t.strategy == "fsdp" and mp == "fp16":  # the explicit value is refused by config.validate already
+            raise gcl_config.ConfigError(
+                "trainer.strategy=fsdp: trainer.mixed_precision=auto resolved to fp16 (this GPU has no bf16), and "
+                "fp16 needs a loss scaler over sharded gradients, which gcl does not run; use "
+                "trainer.mixed_precision=no, or trainer.strategy=ddp")
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp)
         acc = self.accelerator
         self.rank, self.world_size = acc.process_index, acc.num_processes
+        # FSDP2 shards over the process group; one process has nothing to shard and trains the plain model
+        self.sharded = t.strategy == "fsdp" and self.world_size > 1
+        if t.strategy == "fsdp" and not self.sharded:
+            log.info("trainer.strategy=fsdp in one process: nothing to shard, the model trains unwrapped")
         self.is_main = acc.is_main_process
         # rank 0's Hydra dir for every rank
         self.run_dir = Path(gather_objects(str(run_dir), self.world_size)[0])
@@ -204,13 +223,20 @@ class Trainer:
         return encoder
 
     def _build_optimizer(self, encoder: nn.Module) -> None:
-        """Optimizer and LR schedule; the forward module (encoder + logit scale/bias) and the optimizer,
-        prepared by accelerate for DDP and mixed precision."""
+        """The forward module (encoder + logit scale/bias) wrapped for the strategy, then the optimizer and LR
+        schedule. ddp: accelerate prepares both (DDP, mixed precision). fsdp: FSDP2 shards the forward module
+        first (it replaces the parameters the optimizer must hold), and accelerate prepares the optimizer."""
+        from gcl.fsdp import shard
         from gcl.optim import build_optimizer, build_scheduler
 
         cfg, acc, model = self.cfg, self.accelerator, self.model
         t = cfg.trainer
         o = cfg.optim
+        forward = _Forward(encoder, model, self.fields)
+        self.replicated: list[nn.Parameter] = []  # fsdp: the unsharded 0-dim parameters (logit scale/bias)
+        if self.sharded:
+            self.replicated = shard(forward, model, device=acc.device, world_size=self.world_size,
+                                    mixed_precision=acc.mixed_precision)
         # the optimizer holds the parameters of scheduled unlocks from the start (gcl.model.towers.UnlockSchedule)
         with self.unlock.all_unlocked() if self.unlock is not None else contextlib.nullcontext():
             optimizer = build_optimizer(
@@ -222,7 +248,10 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, name=s.name, warmup_steps=s.warmup_steps,
                                          total_steps=t.max_steps, min_lr_ratio=s.min_lr_ratio,
                                          cooldown_steps=s.cooldown_steps)
-        self.forward_module, self.optimizer = acc.prepare(_Forward(encoder, model, self.fields), optimizer)
+        if self.sharded:
+            self.forward_module, self.optimizer = forward, acc.prepare(optimizer)
+        else:
+            self.forward_module, self.optimizer = acc.prepare(forward, optimizer)
         from gcl.finetune.ema import build_ema
 
         self.ema = build_ema(model, o.ema.decay, o.ema.warmup_steps)
@@ -304,16 +333,24 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly; RNG and data position are per rank (gathered)."""
+        """Everything needed to continue exactly; RNG and data position are per rank (gathered). Every rank
+        calls it. Under fsdp the model and optimizer shards are gathered into full tensors that only rank 0
+        (the writer) keeps: the file is the same as a ddp run's."""
+        from gcl.fsdp import full_state
+
         acc = self.accelerator
         per_rank = gather_objects({"rng": rng_state(), "data": self.stream.state_dict()}, self.world_size)
         b = self.bundle
         scaler = getattr(acc, "scaler", None)
+        model_state = acc.unwrap_model(self.forward_module).model.state_dict()
+        opt_state = self.optimizer.state_dict()
+        if self.sharded:
+            model_state, opt_state = full_state(model_state, self.is_main), full_state(opt_state, self.is_main)
         return {
-            "model": acc.unwrap_model(self.forward_module).model.state_dict(),
+            "model": model_state,
             "model_info": {"name": b.name, "pretrained": b.pretrained, "config_path": self.cfg.model.config_path,
                            "model_cfg": b.model_cfg, "preprocess_cfg": b.preprocess_cfg},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": opt_state,
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "step": self.step,
@@ -346,10 +383,15 @@ class Trainer:
             if self.is_main:
                 resume.restore_config(self.run_dir, step, state["config"])
             raise
-        self.accelerator.unwrap_model(self.forward_module).model.load_state_dict(state["model"])
+        opt_state = state["optimizer"]
+        if self.sharded:  # the file holds full tensors (either strategy wrote it): each rank keeps its shard
+            load_full_model_state(self.model, state["model"])
+            opt_state = shard_optimizer_state(self.optimizer, opt_state)
+        else:
+            self.accelerator.unwrap_model(self.forward_module).model.load_state_dict(state["model"])
         moved: dict[tuple[float, float], list[str]] = {}
         for name, old, new in resume.load_optimizer_keeping_settings(self.optimizer, self.scheduler,
-                                                                     state["optimizer"], state["scheduler"]):
+                                                                     opt_state, state["scheduler"]):
             moved.setdefault((old, new), []).append(name)
         for (old, new), names in moved.items():
             log.info("resume: lr at step %d %.4g -> %.4g (parameter groups %s)", step, old, new, ", ".join(names))
@@ -507,7 +549,9 @@ class Trainer:
             acc.backward(out["loss"])
             for i, (mb, (a, b)) in enumerate(zip(micro, bounds)):
                 last = i == k - 1
-                sync = contextlib.nullcontext() if last else acc.no_sync(fwd)
+                # fsdp reduce-scatters every micro-batch's gradients into the shards: skipping that would keep
+                # full unsharded gradients on every rank until the last one, the memory FSDP is there to save
+                sync = contextlib.nullcontext() if last or self.sharded else acc.no_sync(fwd)
                 with sync, rngs[i].replay():
                     with acc.autocast():
                         f, s, bb = fwd(mb)
@@ -524,6 +568,8 @@ class Trainer:
                                 grads.append(leaf.grad)
                     torch.autograd.backward(outs, grads)
 
+        if self.sharded:  # DDP's reducer averages these too; FSDP2 leaves the unsharded scalars to us
+            average_replicated_grads(self.replicated, self.world_size)
         metrics = {name: v.detach() for name, v in out.items()}
         finite = torch.isfinite(metrics["loss"]).to(torch.float32).reshape(1)
         all_finite = bool(all_reduce_sum(finite.clone()).item() == self.world_size)
@@ -533,7 +579,8 @@ class Trainer:
         if all_finite:
             params = [p for p in self.model.parameters() if p.requires_grad]
             if grad_clip:
-                metrics["grad_norm"] = acc.clip_grad_norm_(params, grad_clip).detach()
+                clip = clip_grad_norm_ if self.sharded else acc.clip_grad_norm_
+                metrics["grad_norm"] = clip(params, grad_clip).detach()
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()
@@ -555,15 +602,20 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.forward_module)
         was_training = model.training
         model.eval()
+        encoder: Callable[..., dict[str, Tensor]] = model.encoder
+        held = contextlib.nullcontext()
+        if self.sharded:  # full weights on every rank for the whole evaluation, run through FSDP2's root
+            encoder, held = (lambda batch, fields: model(batch, fields)[0]), unsharded(model)
         try:
-            metrics = self.evaluator(model.encoder, self.bundle, step=self.step, out_dir=self.run_dir / "eval",
-                                     rank=self.rank, world_size=self.world_size, device=self.accelerator.device)
-            if self.ema is not None and self.cfg.optim.ema.eval:
-                with self.ema.applied():
-                    ema = self.evaluator(model.encoder, self.bundle, step=self.step,
-                                         out_dir=self.run_dir / "eval" / "ema", rank=self.rank,
-                                         world_size=self.world_size, device=self.accelerator.device)
-                metrics.update({f"ema/{k}": v for k, v in ema.items()})
+            with held:
+                metrics = self.evaluator(encoder, self.bundle, step=self.step, out_dir=self.run_dir / "eval",
+                                         rank=self.rank, world_size=self.world_size, device=self.accelerator.device)
+                if self.ema is not None and self.cfg.optim.ema.eval:
+                    with self.ema.applied():
+                        ema = self.evaluator(encoder, self.bundle, step=self.step,
+                                             out_dir=self.run_dir / "eval" / "ema", rank=self.rank,
+                                             world_size=self.world_size, device=self.accelerator.device)
+                    metrics.update({f"ema/{k}": v for k, v in ema.items()})
         finally:
             model.train(was_training)
         self.last_eval = metrics

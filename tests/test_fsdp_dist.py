@@ -1,0 +1,133 @@
+"""trainer.strategy=fsdp (FSDP2) on 2 gloo processes: a step equals a ddp step, evaluation equals ddp's.
+
+Each rank runs this file as a script and builds the real Trainer twice from the repo's configs, once with
+``trainer.strategy=ddp`` (DDP through accelerate, itself checked against one process in test_train_dist.py)
+and once with ``trainer.strategy=fsdp``. Both start from the same weights (the ddp trainer's, loaded into the
+fsdp shards), take one GradCache step (``accum_steps=2``) on the same local batch, and the test compares the
+loss (mean over ranks, as logged), the updated weights (gathered from the shards) and the grad norm. Cases:
+clip, siglip, and clip with a locked image tower and gradient checkpointing. Then both evaluate the synthetic
+suite from the same weights (rank 0 alone runs forwards: under fsdp no rank may wait in a collective), and
+the metrics match; a training step after that evaluation still runs.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FAST, ROOT, compose
+
+WORLD, B, K = 2, 6, 2
+CASES = {
+    "clip": ["model=tiny", "loss=seven_field"],
+    "siglip": ["model=tiny_siglip", "loss=siglip_seven_field"],
+    "clip-locked-ckpt": ["model=tiny", "loss=seven_field", "model.lock_image=true",
+                         "model.lock_image_unlocked_groups=2", "model.grad_checkpointing=true"],
+}
+EVAL = ["eval=synthetic", "eval.gallery.enabled=false", "trainer.eval_every=1"]
+
+
+def _trainer(strategy: str, case: str, run_dir: Path, cache: str, *extra: str):
+    from gcl.train import Trainer
+
+    cfg = compose("train", [*FAST, f"data.synthetic.cache_dir={cache}", *CASES[case], f"data.batch_size={B}",
+                            f"trainer.accum_steps={K}", f"trainer.strategy={strategy}", *(extra or ["eval=none"])])
+    return Trainer(cfg, run_dir)
+
+
+def _full_weights(t) -> dict[str, torch.Tensor]:
+    from gcl.fsdp import full_state
+
+    return full_state({n: p.detach().clone() for n, p in t.model.state_dict().items()}, keep=True)
+
+
+def worker(rank: int, out_dir: Path, cache: str) -> None:
+    from gcl.fsdp import is_sharded, load_full_model_state
+
+    torch.set_num_threads(1)
+    results = {}
+    for case in CASES:
+        ddp = _trainer("ddp", case, out_dir / f"ddp-{case}", cache)
+        fsdp = _trainer("fsdp", case, out_dir / f"fsdp-{case}", cache)
+        assert fsdp.sharded and not ddp.sharded and ddp.world_size == fsdp.world_size == WORLD
+        sharded = [n for n, p in fsdp.model.named_parameters() if is_sharded(p)]
+        assert any(".resblocks." in n for n in sharded) and "logit_scale" not in sharded, sharded[:5]
+        load_full_model_state(fsdp.model, _full_weights(ddp))  # same start (seeded init is the same anyway)
+        batch = next(iter(ddp.stream))  # this rank's batch
+        for name, t in (("ddp", ddp), ("fsdp", fsdp)):
+            out = t.train_step(batch)
+            results[f"{case}/{name}"] = {"loss": out["loss"].item(), "grad_norm": out["grad_norm"].item(),
+                                         "weights": _full_weights(t), "frozen": sorted(
+                                             n for n, p in t.model.named_parameters() if not p.requires_grad)}
+    # evaluation: ddp's and fsdp's metrics of the same weights; the synthetic suite runs on rank 0 alone
+    ddp = _trainer("ddp", "clip", out_dir / "ddp-eval", cache, *EVAL)
+    fsdp = _trainer("fsdp", "clip", out_dir / "fsdp-eval", cache, *EVAL)
+    load_full_model_state(fsdp.model, _full_weights(ddp))
+    results["eval/ddp"], results["eval/fsdp"] = ddp.evaluate(), fsdp.evaluate()
+    batch = next(iter(fsdp.stream))  # a training step after the evaluation still works (resharded)
+    results["eval/step_after"] = fsdp.train_step(batch)["loss"].item()
+    torch.save(results, out_dir / f"rank{rank}.pt")
+    fsdp.accelerator.wait_for_everyone()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script: str, args: list[str], timeout: int = 400) -> None:
+    """Run ``script`` on WORLD gloo ranks (RANK/WORLD_SIZE env, as torchrun sets them); fail with the logs."""
+    port = _free_port()
+    procs = []
+    for r in range(WORLD):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD),
+               "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+        procs.append(subprocess.Popen([sys.executable, script, str(r), *args], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("distributed workers timed out (a rank waiting in a collective the other never joined)")
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-4000:] for log in logs)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_fsdp_step_and_eval_equal_ddp(tmp_path, catalog_cache):
+    run_ranks(__file__, [str(tmp_path), str(catalog_cache)])
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for case in CASES:
+        ddp = [res[f"{case}/ddp"] for res in ranks]
+        fsdp = [res[f"{case}/fsdp"] for res in ranks]
+        lddp, lfsdp = (sum(g["loss"] for g in x) / WORLD for x in (ddp, fsdp))
+        assert abs(lddp - lfsdp) <= 1e-5, (case, lddp, lfsdp)
+        assert abs(ddp[0]["grad_norm"] - fsdp[0]["grad_norm"]) <= 1e-5 * max(1.0, ddp[0]["grad_norm"]), case
+        assert fsdp[0]["frozen"] == ddp[0]["frozen"]
+        if "locked" in case:
+            assert any(n.startswith("visual.") for n in ddp[0]["frozen"]), "the image tower should be locked"
+        want = ddp[0]["weights"]
+        for r in range(WORLD):  # ddp ranks hold identical weights; fsdp's gathered ones must equal them
+            got = fsdp[r]["weights"]
+            assert got.keys() == want.keys()
+            diff = max((got[n] - w).abs().max().item() for n, w in want.items())
+            assert diff <= 1e-5, f"{case} rank {r}: updated weights differ from ddp's by {diff:.2e}"
+    e_ddp, e_fsdp = ranks[0]["eval/ddp"], ranks[0]["eval/fsdp"]
+    assert e_ddp and e_ddp.keys() == e_fsdp.keys()
+    diff = max(abs(e_ddp[k] - e_fsdp[k]) for k in e_ddp)
+    assert diff <= 1e-6, diff
+    assert all(torch.isfinite(torch.tensor(res["eval/step_after"])) for res in ranks)
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
