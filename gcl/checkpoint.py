@@ -6,6 +6,15 @@ Layout inside a run dir::
     checkpoints/step_000000100.pt.json   its manifest: {"file", "step", "size", "sha256"}
     checkpoints/latest.json              {"file": "step_000000100.pt", "step": 100}: the newest complete one
     checkpoints/best.pt (+ best.pt.json) + best.json   the best one by the configured eval metric
+    checkpoints/step_000000100.dcp/      trainer.fsdp_checkpoint=sharded only: the model and optimizer tensors,
+                                         written by every rank with torch.distributed.checkpoint (DCP)
+
+A sharded checkpoint's ``.pt`` holds everything but those tensors (``model`` is None) plus ``sharded``: the
+folder's name and the size and SHA-256 of each of its files (so the ``.pt``'s own manifest covers them).
+Every rank writes its shards into a hidden temporary folder, rank 0 renames it once all are written, then
+writes the ``.pt``. :func:`load_checkpoint` reads the folder back as full tensors (DCP reassembles shards of
+any layout), so a sharded checkpoint loads like a full one: in another strategy, world size or one process
+(export, evaluate.py, ``model.pretrained``).
 
 Writes go to a hidden temporary file in the same folder (``.NAME.tmp-PID``) that is fsynced and then
 ``os.replace``d; on any failure the temporary file is removed. The manifest is written after its checkpoint
@@ -196,12 +205,16 @@ class CheckpointManager:
     def save(self, state: dict[str, Any], step: int) -> Path:
         """Write ``state`` as ``step_<step>.pt`` with its manifest, point ``latest.json`` at it, prune."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"step_{step:09d}.pt"
+        name = self.step_name(step)
         self._write(state, name, step)
         atomic_write_json({"file": name, "step": step}, self.dir / LATEST)
         self._prune(keep=name)
         log.info("saved checkpoint %s", self.dir / name)
         return self.dir / name
+
+    @staticmethod
+    def step_name(step: int) -> str:
+        return f"step_{step:09d}.pt"
 
     def save_best(self, state: dict[str, Any], step: int, metric: str, value: float) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -219,21 +232,124 @@ class CheckpointManager:
             if p.name != keep:
                 p.unlink(missing_ok=True)
                 p.with_name(p.name + MANIFEST_SUFFIX).unlink(missing_ok=True)
+                shutil.rmtree(sharded_dir(p), ignore_errors=True)
         self.remove_partial_files()
 
     def remove_partial_files(self) -> int:
-        """Delete the temp files a crashed or killed save left behind (never a checkpoint); returns how many."""
+        """Delete the temp files (and sharded temp folders) a crashed or killed save left behind (never a
+        checkpoint); returns how many."""
         n = 0
         for p in self.dir.glob(_TMP_GLOB) if self.dir.is_dir() else []:
-            size = p.stat().st_size if p.exists() else 0
-            p.unlink(missing_ok=True)
-            log.info("removed %s (%s), the partial file of an interrupted save", p, _mb(size))
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                log.info("removed %s, the partial shards of an interrupted save", p)
+            else:
+                size = p.stat().st_size if p.exists() else 0
+                p.unlink(missing_ok=True)
+                log.info("removed %s (%s), the partial file of an interrupted save", p, _mb(size))
             n += 1
         return n
 
     def best_value(self) -> float | None:
         p = self.dir / BEST
         return json.loads(p.read_text())["value"] if p.exists() else None
+
+
+# ------------------------------------------------------------------------------------------ sharded (DCP)
+
+SHARDED_SUFFIX = ".dcp"  # step_000000100.pt -> step_000000100.dcp/
+
+
+def sharded_dir(file: Path) -> Path:
+    """The DCP folder of a checkpoint file (``step_N.pt`` -> ``step_N.dcp``)."""
+    return file.with_suffix(SHARDED_SUFFIX)
+
+
+def _split_tensors(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(flat tensors, rest)`` of the model and optimizer entries: tensors under flat keys ``model/<name>`` and
+    ``optimizer/<param index>/<name>`` (DCP keeps flat keys as they are); ``rest`` is the state with those
+    tensors taken out (``model`` None, optimizer state entries without their tensors)."""
+    flat: dict[str, Any] = {f"model/{k}": v for k, v in state["model"].items()}
+    opt = state["optimizer"]
+    kept_state = {}
+    for idx, entry in opt["state"].items():
+        kept_state[idx] = {}
+        for k, v in entry.items():
+            if isinstance(v, torch.Tensor):
+                flat[f"optimizer/{idx}/{k}"] = v
+            else:
+                kept_state[idx][k] = v
+    return flat, {**state, "model": None, "optimizer": {**opt, "state": kept_state}}
+
+
+def save_sharded(state: dict[str, Any], file: Path, is_main: bool) -> dict[str, Any]:
+    """Every rank: write the model and optimizer tensors of ``state`` (DTensor shards or plain tensors) into
+    ``sharded_dir(file)`` with torch.distributed.checkpoint. Returns the state to write as ``file`` (on rank 0;
+    other ranks get it without the file list): the rest of ``state`` with ``sharded`` naming the folder and
+    each of its files' size and SHA-256. Collective: every rank calls it with the same keys."""
+    import torch.distributed.checkpoint as dcp
+
+    from gcl.distributed import dist_or_none
+
+    dist = dist_or_none()
+    final = sharded_dir(file)
+    tmp = final.with_name(f".{final.name}.tmp-shards")
+    if is_main:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a killed save
+    if dist is not None:
+        dist.barrier()
+    flat, rest = _split_tensors(state)
+    dcp.save(flat, checkpoint_id=str(tmp))  # returns once every rank's shards and the metadata are written
+    files: dict[str, Any] = {}
+    if is_main:
+        shutil.rmtree(final, ignore_errors=True)  # a folder of the same step left by a save killed before its .pt
+        os.replace(tmp, final)
+        for f in sorted(final.iterdir()):
+            files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    return {**rest, "sharded": {"dir": final.name, "files": files}}
+
+
+def _verify_sharded(file: Path, info: dict[str, Any]) -> Path:
+    d = file.parent / info["dir"]
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint {file} is damaged: its sharded tensors folder {d} is missing")
+    for name, want in info["files"].items():
+        f = d / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {file} is damaged: {f} is missing")
+        if f.stat().st_size != want["size"] or _sha256(f) != want["sha256"]:
+            raise CheckpointError(f"checkpoint {file} is damaged: {f} differs from the size/SHA-256 recorded in it")
+    return d
+
+
+def _read_sharded(file: Path, state: dict[str, Any], verify: bool) -> dict[str, Any]:
+    """Fill a sharded checkpoint's model and optimizer tensors back in, as full tensors on the CPU (DCP reads
+    every shard; no process group is needed or used)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    info = state["sharded"]
+    d = _verify_sharded(file, info) if verify else file.parent / info["dir"]
+    try:
+        reader = dcp.FileSystemReader(str(d))
+        meta = reader.read_metadata().state_dict_metadata
+        flat = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()
+                if isinstance(m, TensorStorageMetadata)}
+        dcp.load(flat, storage_reader=reader, no_dist=True)
+    except Exception as e:  # noqa: BLE001 - DCP raises many kinds for a damaged folder
+        raise CheckpointError(f"checkpoint {file}: its sharded tensors in {d} cannot be read "
+                              f"({type(e).__name__}: {str(e)[:200]})") from e
+    model: dict[str, Any] = {}
+    opt_state = {idx: dict(entry) for idx, entry in state["optimizer"]["state"].items()}
+    for key, t in flat.items():
+        kind, _, rest = key.partition("/")
+        if kind == "model":
+            model[rest] = t
+        elif kind == "optimizer":
+            idx, _, name = rest.partition("/")
+            opt_state.setdefault(int(idx), {})[name] = t
+    return {**state, "model": model, "optimizer": {**state["optimizer"], "state": opt_state}}
 
 
 # ------------------------------------------------------------------------------------------ finding
@@ -349,6 +465,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")
+    if state.get("sharded"):
+        state = _read_sharded(Path(path), state, verify)
     return state
 
 

@@ -555,6 +555,9 @@ def validate_strategy(t: DictConfig, m: DictConfig, o: DictConfig) -> None:
             _fail("trainer.fsdp_checkpoint", f"{t.fsdp_checkpoint} needs trainer.strategy=fsdp (a ddp run's model "
                   "is whole on every rank, so it saves full checkpoints)")
         return
+    if t.fsdp_checkpoint == "sharded" and t.remote_sync is not None:
+        _fail("trainer.fsdp_checkpoint", "sharded checkpoints are folders written by every rank, which "
+              "trainer.remote_sync does not mirror; use trainer.fsdp_checkpoint=full with remote_sync")
     if t.mixed_precision == "fp16":
         _fail("trainer.mixed_precision", "fp16 with trainer.strategy=fsdp needs a loss scaler over sharded "
               "gradients, which gcl does not run; use bf16 (or no), or trainer.strategy=ddp")

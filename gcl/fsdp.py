@@ -63,9 +63,9 @@ def block_modules(model: nn.Module) -> list[nn.Module]:
 
 def shard(root: nn.Module, model: nn.Module, *, device: torch.device, world_size: int,
           mixed_precision: str) -> list[nn.Parameter]:
-    """``fully_shard`` each block of ``model`` (a submodule of ``root``), then ``root``; returns the 0-dim
-    parameters left replicated (see the module docstring). Call before building the optimizer: sharding
-    replaces the parameters.
+    """``fully_shard`` each block of ``model`` (a submodule of ``root``), then ``root``, from rank 0's weights;
+    returns the 0-dim parameters left replicated (see the module docstring). Call before building the
+    optimizer: sharding replaces the parameters.
 
     ``mixed_precision``: accelerate's resolved value (``no`` or ``bf16``; fp16 is refused by the config).
     bf16 all-gathers and computes the blocks in bf16 and reduces gradients in fp32; the root's parameters
@@ -75,6 +75,7 @@ def shard(root: nn.Module, model: nn.Module, *, device: torch.device, world_size
 
     if mixed_precision not in ("no", "bf16"):
         raise ValueError(f"FSDP mixed precision {mixed_precision!r}: only no and bf16 are supported")
+    _broadcast_from_rank0(root)
     mesh = init_device_mesh(device.type, (world_size,))
     block_mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                 if mixed_precision == "bf16" else MixedPrecisionPolicy())
@@ -93,6 +94,17 @@ def shard(root: nn.Module, model: nn.Module, *, device: torch.device, world_size
                     "so every rank holds all its weights during forward and backward", BLOCK_LISTS,
                     type(model).__name__)
     return replicated
+
+
+def _broadcast_from_rank0(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank, as DDP does when it wraps a module: each rank seeds its
+    random initialisation differently (``set_seed(device_specific=True)``), and FSDP2 shards what each rank
+    holds, so without this the shards would come from different initialisations."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
 
 
 def average_replicated_grads(params: Iterable[nn.Parameter], world_size: int) -> None:

@@ -32,12 +32,14 @@ from torch import Tensor, nn
 from gcl import config as gcl_config
 from gcl import resume
 from gcl.checkpoint import (
+    BEST_FILE,
     CheckpointManager,
     atomic_write_text,
     find_checkpoint,
     load_checkpoint,
     load_newest_intact,
     rng_state,
+    save_sharded,
     set_rng_state,
     step_files,
 )
@@ -334,8 +336,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly; RNG and data position are per rank (gathered). Every rank
-        calls it. Under fsdp the model and optimizer shards are gathered into full tensors that only rank 0
-        (the writer) keeps: the file is the same as a ddp run's."""
+        calls it. Under fsdp (``fsdp_checkpoint=full``) the model and optimizer shards are gathered into full
+        tensors that only rank 0 (the writer) keeps: the file is the same as a ddp run's; with ``sharded`` they
+        stay shards, for :meth:`_write_state` to save with DCP."""
         from gcl.fsdp import full_state
 
         acc = self.accelerator
@@ -344,7 +347,7 @@ class Trainer:
         scaler = getattr(acc, "scaler", None)
         model_state = acc.unwrap_model(self.forward_module).model.state_dict()
         opt_state = self.optimizer.state_dict()
-        if self.sharded:
+        if self.sharded and self.cfg.trainer.fsdp_checkpoint == "full":
             model_state, opt_state = full_state(model_state, self.is_main), full_state(opt_state, self.is_main)
         return {
             "model": model_state,
@@ -487,11 +490,15 @@ class Trainer:
             cut_metrics(self.run_dir / "metrics.jsonl", self.step)
             resume.record_config(self.run_dir, OmegaConf.to_yaml(self.cfg), self.step)
 
-    def _write_state(self, write: Callable[[dict[str, Any]], Path], what: str) -> None:
-        """Gather the state (every rank takes part) and let rank 0 ``write`` it; every rank waits and raises if
-        the write failed (a full disk, say), so no rank goes on alone. A second Ctrl-C does not abort it."""
+    def _write_state(self, write: Callable[[dict[str, Any]], Path], what: str, file_name: str) -> None:
+        """Gather the state (every rank takes part) and let rank 0 ``write`` it as ``checkpoints/<file_name>``;
+        every rank waits and raises if the write failed (a full disk, say), so no rank goes on alone. With
+        ``trainer.fsdp_checkpoint=sharded`` every rank first writes its shards (``gcl.checkpoint.save_sharded``).
+        A second Ctrl-C does not abort it."""
         with self.stop.protect() if self.stop is not None else contextlib.nullcontext():
             state = self.state_dict()
+            if self.sharded and self.cfg.trainer.fsdp_checkpoint == "sharded":
+                state = save_sharded(state, self.ckpt.dir / file_name, self.is_main)
 
             def work() -> None:
                 if self.is_main:
@@ -505,7 +512,7 @@ class Trainer:
         """Save the checkpoint of this step (once per step)."""
         if self._saved_step != self.step:
             self._write_state(lambda state: self.ckpt.save(state, self.step),
-                              f"saving the checkpoint of step {self.step}")
+                              f"saving the checkpoint of step {self.step}", self.ckpt.step_name(self.step))
             self._saved_step = self.step
 
     # -------------------------------------------------------------------------------------------- step
@@ -632,7 +639,7 @@ class Trainer:
         if better:
             self.best = v
             self._write_state(lambda state: self.ckpt.save_best(state, self.step, name, v),
-                              f"saving the best checkpoint (step {self.step})")
+                              f"saving the best checkpoint (step {self.step})", BEST_FILE)
 
     # -------------------------------------------------------------------------------------------- loop
     def fit(self) -> float | None:

@@ -2,8 +2,8 @@
 
 Each rank runs this file as a script and builds the real Trainer twice from the repo's configs, once with
 ``trainer.strategy=ddp`` (DDP through accelerate, itself checked against one process in test_train_dist.py)
-and once with ``trainer.strategy=fsdp``. Both start from the same weights (the ddp trainer's, loaded into the
-fsdp shards), take one GradCache step (``accum_steps=2``) on the same local batch, and the test compares the
+and once with ``trainer.strategy=fsdp``. Both must start from rank 0's initial weights (ranks seed their
+initialisation differently; DDP broadcasts rank 0's, so must FSDP), take one GradCache step (``accum_steps=2``) on the same local batch, and the test compares the
 loss (mean over ranks, as logged), the updated weights (gathered from the shards) and the grad norm. Cases:
 clip, siglip, and clip with a locked image tower and gradient checkpointing. Then both evaluate the synthetic
 suite from the same weights (rank 0 alone runs forwards: under fsdp no rank may wait in a collective), and
@@ -45,8 +45,13 @@ def _full_weights(t) -> dict[str, torch.Tensor]:
     return full_state({n: p.detach().clone() for n, p in t.model.state_dict().items()}, keep=True)
 
 
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
 def worker(rank: int, out_dir: Path, cache: str) -> None:
-    from gcl.fsdp import is_sharded, load_full_model_state
+    from gcl.fsdp import is_sharded
 
     torch.set_num_threads(1)
     results = {}
@@ -56,7 +61,9 @@ def worker(rank: int, out_dir: Path, cache: str) -> None:
         assert fsdp.sharded and not ddp.sharded and ddp.world_size == fsdp.world_size == WORLD
         sharded = [n for n, p in fsdp.model.named_parameters() if is_sharded(p)]
         assert any(".resblocks." in n for n in sharded) and "logit_scale" not in sharded, sharded[:5]
-        load_full_model_state(fsdp.model, _full_weights(ddp))  # same start (seeded init is the same anyway)
+        # the same start: ranks seed their initialisation differently; both strategies start from rank 0's
+        start = _full_weights(ddp)
+        assert _max_diff(_full_weights(fsdp), start) == 0.0
         batch = next(iter(ddp.stream))  # this rank's batch
         for name, t in (("ddp", ddp), ("fsdp", fsdp)):
             out = t.train_step(batch)
@@ -66,7 +73,7 @@ def worker(rank: int, out_dir: Path, cache: str) -> None:
     # evaluation: ddp's and fsdp's metrics of the same weights; the synthetic suite runs on rank 0 alone
     ddp = _trainer("ddp", "clip", out_dir / "ddp-eval", cache, *EVAL)
     fsdp = _trainer("fsdp", "clip", out_dir / "fsdp-eval", cache, *EVAL)
-    load_full_model_state(fsdp.model, _full_weights(ddp))
+    assert _max_diff(_full_weights(fsdp), _full_weights(ddp)) == 0.0
     results["eval/ddp"], results["eval/fsdp"] = ddp.evaluate(), fsdp.evaluate()
     batch = next(iter(fsdp.stream))  # a training step after the evaluation still works (resharded)
     results["eval/step_after"] = fsdp.train_step(batch)["loss"].item()
@@ -118,9 +125,7 @@ def test_fsdp_step_and_eval_equal_ddp(tmp_path, catalog_cache):
             assert any(n.startswith("visual.") for n in ddp[0]["frozen"]), "the image tower should be locked"
         want = ddp[0]["weights"]
         for r in range(WORLD):  # ddp ranks hold identical weights; fsdp's gathered ones must equal them
-            got = fsdp[r]["weights"]
-            assert got.keys() == want.keys()
-            diff = max((got[n] - w).abs().max().item() for n, w in want.items())
+            diff = _max_diff(fsdp[r]["weights"], want)
             assert diff <= 1e-5, f"{case} rank {r}: updated weights differ from ddp's by {diff:.2e}"
     e_ddp, e_fsdp = ranks[0]["eval/ddp"], ranks[0]["eval/fsdp"]
     assert e_ddp and e_ddp.keys() == e_fsdp.keys()

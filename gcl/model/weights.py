@@ -277,8 +277,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a weights file into a plain ``{name: tensor}`` dict.
 
     Accepts ``.safetensors``, a torch state dict, or a training checkpoint holding one under ``state_dict``
-    (open_clip's trainer) or ``model``; strips DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes and
-    merges LoRA adapters (:func:`gcl.model.lora.merge_lora_state_dict`).
+    (open_clip's trainer) or ``model`` (a sharded gcl checkpoint is read back whole); strips DDP ``module.`` and
+    torch.compile ``_orig_mod.`` prefixes and merges LoRA adapters (:func:`gcl.model.lora.merge_lora_state_dict`).
     Loads with ``weights_only=True``.
     """
     path = str(path)
@@ -288,6 +288,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         obj: Any = load_file(path, device="cpu")
     else:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and obj.get("sharded"):  # a trainer.fsdp_checkpoint=sharded checkpoint
+        from gcl.checkpoint import load_checkpoint
+
+        obj = load_checkpoint(path)
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
