@@ -39,6 +39,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -300,7 +301,9 @@ def save_sharded(state: dict[str, Any], file: Path, is_main: bool) -> dict[str, 
     if dist is not None:
         dist.barrier()
     flat, rest = _split_tensors(state)
-    dcp.save(flat, checkpoint_id=str(tmp))  # returns once every rank's shards and the metadata are written
+    with warnings.catch_warnings():  # one process (no process group): DCP says it saves alone, as intended
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.save(flat, checkpoint_id=str(tmp))  # returns once every rank's shards and the metadata are written
     files: dict[str, Any] = {}
     if is_main:
         shutil.rmtree(final, ignore_errors=True)  # a folder of the same step left by a save killed before its .pt
@@ -336,7 +339,9 @@ def _read_sharded(file: Path, state: dict[str, Any], verify: bool) -> dict[str, 
         meta = reader.read_metadata().state_dict_metadata
         flat = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()
                 if isinstance(m, TensorStorageMetadata)}
-        dcp.load(flat, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load(flat, storage_reader=reader, no_dist=True)
     except Exception as e:  # noqa: BLE001 - DCP raises many kinds for a damaged folder
         raise CheckpointError(f"checkpoint {file}: its sharded tensors in {d} cannot be read "
                               f"({type(e).__name__}: {str(e)[:200]})") from e

@@ -216,3 +216,40 @@ def test_disk_full_names_the_path_and_size_and_leaves_no_partial_file(tmp_path):
     # nothing partial stays, the newest complete checkpoint is untouched and resume uses it
     assert out["files"] == ["latest.json", "step_000000001.pt", "step_000000001.pt.json"]
     assert out["resumes_at"] == 1
+
+
+def _optim_state(step: int) -> dict:
+    g = torch.Generator().manual_seed(100 + step)
+    return {"state": {0: {"step": torch.tensor(float(step)), "exp_avg": torch.randn(7, 3, generator=g),
+                          "exp_avg_sq": torch.rand(7, 3, generator=g)}},
+            "param_groups": [{"lr": 0.1, "betas": (0.9, 0.98), "name": "image", "params": [0]}]}
+
+
+def test_sharded_checkpoint_reads_back_whole_and_a_damaged_shard_is_skipped(tmp_path):
+    """trainer.fsdp_checkpoint=sharded's layout in one process: the .pt without tensors plus the DCP folder
+    reads back as the state that was saved; pruning removes the folder with its .pt; a flipped byte in a shard
+    is named and the next older checkpoint is used."""
+    from gcl.checkpoint import save_sharded
+
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    states = {s: {**_state(s, 1000), "optimizer": _optim_state(s)} for s in (2, 4, 6)}
+    for s, st in states.items():
+        name = mgr.step_name(s)
+        mgr.save(save_sharded(st, mgr.dir / name, is_main=True), s)
+    ck = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir() if p.suffix == ".dcp") == ["step_000000004.dcp", "step_000000006.dcp"]
+    assert torch.load(_ck(tmp_path, 6), weights_only=True)["model"] is None
+    got = load_checkpoint(_ck(tmp_path, 6))
+    want = states[6]
+    assert torch.equal(got["model"]["w"], want["model"]["w"])
+    for k, v in want["optimizer"]["state"][0].items():
+        assert torch.equal(got["optimizer"]["state"][0][k], v), k
+    assert got["optimizer"]["param_groups"] == want["optimizer"]["param_groups"]
+    shard = next(f for f in (ck / "step_000000006.dcp").iterdir() if f.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="step_000000006.dcp"):
+        load_checkpoint(_ck(tmp_path, 6))
+    path, state = load_newest_intact(tmp_path)
+    assert path.name == "step_000000004.pt" and torch.equal(state["model"]["w"], states[4]["model"]["w"])

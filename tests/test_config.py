@@ -57,6 +57,13 @@ def test_wrong_type_names_the_key():
     (["optim.grad_clip=-1"], "optim.grad_clip"),
     (["sched.min_lr_ratio=1.5"], "sched.min_lr_ratio"),
     (["trainer.resume_changes=maybe"], "trainer.resume_changes"),
+    (["trainer.strategy=deepspeed"], "trainer.strategy"),
+    (["trainer.strategy=fsdp", "trainer.fsdp_checkpoint=shards"], "trainer.fsdp_checkpoint"),
+    (["trainer.fsdp_checkpoint=sharded"], "trainer.fsdp_checkpoint"),  # ddp saves full checkpoints
+    (["trainer.strategy=fsdp", "trainer.mixed_precision=fp16"], "trainer.mixed_precision"),
+    (["trainer.strategy=fsdp", "model.compile=model"], "model.compile"),
+    (["trainer.strategy=fsdp", "trainer.fsdp_checkpoint=sharded", "trainer.remote_sync=s3://b/run"],
+     "trainer.fsdp_checkpoint"),
 ])
 def test_inconsistent_combinations_fail_naming_the_key(overrides, key):
     cfg = compose("train", overrides)
