@@ -561,6 +561,10 @@ def validate_strategy(t: DictConfig, m: DictConfig, o: DictConfig) -> None:
     if t.mixed_precision == "fp16":
         _fail("trainer.mixed_precision", "fp16 with trainer.strategy=fsdp needs a loss scaler over sharded "
               "gradients, which gcl does not run; use bf16 (or no), or trainer.strategy=ddp")
+    if m.precision != "fp32":
+        _fail("model.precision", f"{m.precision} with trainer.strategy=fsdp: open_clip's low-precision weights keep "
+              "norms in fp32, and an FSDP2 unit needs one dtype; keep model.precision=fp32 and set "
+              "trainer.mixed_precision=bf16 (bf16 all-gathers and compute over fp32 master weights)")
     if m.compile != "none":
         _fail("model.compile", f"{m.compile} with trainer.strategy=fsdp is not supported (compiling a whole tower "
               "would trace through FSDP2's per-block hooks, untested here); use model.compile=none, or "

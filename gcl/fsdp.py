@@ -68,8 +68,9 @@ def shard(root: nn.Module, model: nn.Module, *, device: torch.device, world_size
     optimizer: sharding replaces the parameters.
 
     ``mixed_precision``: accelerate's resolved value (``no`` or ``bf16``; fp16 is refused by the config).
-    bf16 all-gathers and computes the blocks in bf16 and reduces gradients in fp32; the root's parameters
-    (embeddings, final norms, projections) stay fp32, like the logit scale the loss reads."""
+    bf16 all-gathers and computes the blocks in bf16 (their outputs cast back to fp32) and reduces gradients
+    in fp32; the root's parameters (embeddings, final norms, projections) stay fp32, like the logit scale the
+    loss reads. An evaluation computes the blocks in bf16 too (their gathered weights are bf16)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -77,7 +78,10 @@ def shard(root: nn.Module, model: nn.Module, *, device: torch.device, world_size
         raise ValueError(f"FSDP mixed precision {mixed_precision!r}: only no and bf16 are supported")
     _broadcast_from_rank0(root)
     mesh = init_device_mesh(device.type, (world_size,))
-    block_mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # fp32 block outputs: the residual stream between blocks and the root's fp32 layers (final norm,
+    # projection) then see fp32 as under DDP + autocast, also in an evaluation, which runs without autocast
+    block_mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    output_dtype=torch.float32)
                 if mixed_precision == "bf16" else MixedPrecisionPolicy())
     root_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     replicated = [p for p in root.parameters() if p.ndim == 0]

@@ -62,6 +62,7 @@ def test_wrong_type_names_the_key():
     (["trainer.fsdp_checkpoint=sharded"], "trainer.fsdp_checkpoint"),  # ddp saves full checkpoints
     (["trainer.strategy=fsdp", "trainer.mixed_precision=fp16"], "trainer.mixed_precision"),
     (["trainer.strategy=fsdp", "model.compile=model"], "model.compile"),
+    (["trainer.strategy=fsdp", "model.precision=bf16"], "model.precision"),
     (["trainer.strategy=fsdp", "trainer.fsdp_checkpoint=sharded", "trainer.remote_sync=s3://b/run"],
      "trainer.fsdp_checkpoint"),
 ])

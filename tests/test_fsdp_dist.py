@@ -5,7 +5,8 @@ Each rank runs this file as a script and builds the real Trainer twice from the 
 and once with ``trainer.strategy=fsdp``. Both must start from rank 0's initial weights (ranks seed their
 initialisation differently; DDP broadcasts rank 0's, so must FSDP), take one GradCache step (``accum_steps=2``) on the same local batch, and the test compares the
 loss (mean over ranks, as logged), the updated weights (gathered from the shards) and the grad norm. Cases:
-clip, siglip, and clip with a locked image tower and gradient checkpointing. Then both evaluate the synthetic
+clip, siglip, clip with a locked image tower and gradient checkpointing, all fp32 (within 1e-5), and clip in
+bf16 (loss and grad norm close). Then both evaluate the synthetic
 suite from the same weights (rank 0 alone runs forwards: under fsdp no rank may wait in a collective), and
 the metrics match; a training step after that evaluation still runs.
 """
@@ -27,13 +28,20 @@ CASES = {
     "siglip": ["model=tiny_siglip", "loss=siglip_seven_field"],
     "clip-locked-ckpt": ["model=tiny", "loss=seven_field", "model.lock_image=true",
                          "model.lock_image_unlocked_groups=2", "model.grad_checkpointing=true"],
+    # bf16: ddp autocasts fp32 weights, fsdp all-gathers bf16 weights; close, not equal (below)
+    "clip-bf16": ["model=tiny", "loss=seven_field", "trainer.mixed_precision=bf16"],
 }
 EVAL = ["eval=synthetic", "eval.gallery.enabled=false", "trainer.eval_every=1"]
 
 
 def _trainer(strategy: str, case: str, run_dir: Path, cache: str, *extra: str):
+    """A Trainer for ``case``. accelerate keeps one mixed-precision setting per process (a shared state), so
+    it is reset here: a trainer built earlier must not be used after one with another setting."""
+    from accelerate.state import AcceleratorState
+
     from gcl.train import Trainer
 
+    AcceleratorState._reset_state()  # keeps the process group (PartialState)
     cfg = compose("train", [*FAST, f"data.synthetic.cache_dir={cache}", *CASES[case], f"data.batch_size={B}",
                             f"trainer.accum_steps={K}", f"trainer.strategy={strategy}", *(extra or ["eval=none"])])
     return Trainer(cfg, run_dir)
@@ -77,6 +85,8 @@ def worker(rank: int, out_dir: Path, cache: str) -> None:
     results["eval/ddp"], results["eval/fsdp"] = ddp.evaluate(), fsdp.evaluate()
     batch = next(iter(fsdp.stream))  # a training step after the evaluation still works (resharded)
     results["eval/step_after"] = fsdp.train_step(batch)["loss"].item()
+    bf16 = _trainer("fsdp", "clip-bf16", out_dir / "fsdp-eval-bf16", cache, *EVAL)
+    results["eval/fsdp-bf16"] = bf16.evaluate()  # bf16 blocks feed fp32 layers without autocast here
     torch.save(results, out_dir / f"rank{rank}.pt")
     fsdp.accelerator.wait_for_everyone()
 
@@ -118,8 +128,12 @@ def test_fsdp_step_and_eval_equal_ddp(tmp_path, catalog_cache):
         ddp = [res[f"{case}/ddp"] for res in ranks]
         fsdp = [res[f"{case}/fsdp"] for res in ranks]
         lddp, lfsdp = (sum(g["loss"] for g in x) / WORLD for x in (ddp, fsdp))
+        gddp, gfsdp = ddp[0]["grad_norm"], fsdp[0]["grad_norm"]
+        if case.endswith("bf16"):  # bf16 rounding of weights vs of activations: ~1e-4 apart measured
+            assert abs(lddp - lfsdp) <= 5e-3 and abs(gddp - gfsdp) <= 2e-2 * gddp, (lddp, lfsdp, gddp, gfsdp)
+            continue  # (an Adam first step moves every weight by ~lr whatever the gradient: nothing to compare)
         assert abs(lddp - lfsdp) <= 1e-5, (case, lddp, lfsdp)
-        assert abs(ddp[0]["grad_norm"] - fsdp[0]["grad_norm"]) <= 1e-5 * max(1.0, ddp[0]["grad_norm"]), case
+        assert abs(gddp - gfsdp) <= 1e-5 * max(1.0, gddp), (case, gddp, gfsdp)
         assert fsdp[0]["frozen"] == ddp[0]["frozen"]
         if "locked" in case:
             assert any(n.startswith("visual.") for n in ddp[0]["frozen"]), "the image tower should be locked"
@@ -131,6 +145,8 @@ def test_fsdp_step_and_eval_equal_ddp(tmp_path, catalog_cache):
     assert e_ddp and e_ddp.keys() == e_fsdp.keys()
     diff = max(abs(e_ddp[k] - e_fsdp[k]) for k in e_ddp)
     assert diff <= 1e-6, diff
+    e_bf16 = ranks[0]["eval/fsdp-bf16"]
+    assert e_bf16.keys() == e_ddp.keys() and all(0.0 <= v <= 1.0 for v in e_bf16.values())
     assert all(torch.isfinite(torch.tensor(res["eval/step_after"])) for res in ranks)
 
 
