@@ -3,12 +3,13 @@
 References are uninterrupted runs of the same config: an fsdp run and a ddp run, 6 steps each, checkpoints
 every 2 (kept: 2, 4, 6). Checked:
 
-- kill -9 of an fsdp run with sharded checkpoints (torch.distributed.checkpoint) mid-epoch, then
-  ``trainer.resume=auto``: the final weights equal the uninterrupted fsdp run's bit for bit; its end-of-run
-  export (read back from the shards) holds those weights;
-- the fsdp run's step-4 checkpoint (full) resumed under fsdp ends bit for bit where the fsdp run ended, and
-  under ddp within 1e-5 of it;
-- the ddp run's step-4 checkpoint resumed under fsdp ends within 1e-5 of the ddp run.
+- the fsdp reference writes sharded checkpoints (torch.distributed.checkpoint); its end-of-run export, read
+  back from the shards, holds its final weights;
+- kill -9 of an fsdp run (full checkpoints) mid-epoch, then ``trainer.resume=auto``: the final weights equal
+  the uninterrupted fsdp run's bit for bit;
+- the fsdp run's (sharded) step-4 checkpoint resumed under ddp ends within 1e-5 of the fsdp run, and the ddp
+  run's step-4 checkpoint resumed under fsdp within 1e-5 of the ddp run;
+- the two references agree within 1e-5.
 """
 from __future__ import annotations
 
@@ -89,37 +90,34 @@ def _kill_after_step(run: Path, cache: Path, step: int, *overrides: str) -> None
 def test_fsdp_kill_resume_and_ddp_fsdp_checkpoints(tmp_path, catalog_cache):
     fsdp, ddp = ["trainer.strategy=fsdp"], ["trainer.strategy=ddp"]
     ref_fsdp, ref_ddp = tmp_path / "ref-fsdp", tmp_path / "ref-ddp"
-    _torchrun(ref_fsdp, catalog_cache, *fsdp)
+    _torchrun(ref_fsdp, catalog_cache, *fsdp, "trainer.fsdp_checkpoint=sharded", "export.enabled=true")
     _torchrun(ref_ddp, catalog_cache, *ddp)
     final_fsdp, final_ddp = _weights(ref_fsdp), _weights(ref_ddp)
-    assert load_checkpoint(find_checkpoint(ref_fsdp))["world_size"] == 2
+    ck = ref_fsdp / "checkpoints"
+    assert sorted(p.name for p in ck.glob("*.dcp")) == [f"step_00000000{s}.dcp" for s in (2, 4, 6)]
+    assert torch.load(ck / "step_000000006.pt", weights_only=True)["model"] is None  # tensors live in the shards
+    assert load_checkpoint(ck / "step_000000006.pt")["world_size"] == 2
+    from safetensors.torch import load_file
 
-    # kill -9 mid-epoch (checkpoint of step 2 sharded on disk, step 3 lost), resume=auto under fsdp
+    exported = load_file(next((ref_fsdp / "export").glob("*.safetensors")))  # exported from the shards
+    assert _diff({k: exported[k] for k in final_fsdp}, final_fsdp) == 0.0
+
+    # kill -9 mid-epoch (checkpoint of step 2 on disk, step 3 lost), resume=auto under fsdp
     killed = tmp_path / "killed"
-    sharded = [*fsdp, "trainer.fsdp_checkpoint=sharded"]
-    _kill_after_step(killed, catalog_cache, 3, *sharded)
-    ck = killed / "checkpoints"
-    assert json.loads((ck / "latest.json").read_text())["step"] == 2
-    assert (ck / "step_000000002.dcp" / ".metadata").is_file()
-    assert torch.load(ck / "step_000000002.pt", weights_only=True)["model"] is None  # tensors live in the shards
-    _torchrun(killed, catalog_cache, *sharded, "trainer.resume=auto", "export.enabled=true")
+    _kill_after_step(killed, catalog_cache, 3, *fsdp)
+    assert json.loads((killed / "checkpoints" / "latest.json").read_text())["step"] == 2
+    _torchrun(killed, catalog_cache, *fsdp, "trainer.resume=auto")
     diff = _diff(_weights(killed), final_fsdp)
     assert diff == 0.0, f"fsdp kill/resume: final weights differ from the uninterrupted run's by {diff:.2e}"
     assert _steps(killed) == _steps(ref_fsdp) == list(range(1, 7))
-    from safetensors.torch import load_file
 
-    exported = load_file(next((killed / "export").glob("*.safetensors")))
-    assert _diff({k: exported[k] for k in final_fsdp}, final_fsdp) <= 1e-6
-
-    # cross-strategy: each reference's step-4 checkpoint finishes the run under the other strategy (and fsdp's
-    # under fsdp again, from the full file)
-    cases = [("fsdp->fsdp", ref_fsdp, fsdp, final_fsdp, 0.0), ("fsdp->ddp", ref_fsdp, ddp, final_fsdp, 1e-5),
-             ("ddp->fsdp", ref_ddp, fsdp, final_ddp, 1e-5)]
-    for name, src, strategy, want, tol in cases:
+    # cross-strategy: each reference's step-4 checkpoint finishes the run under the other strategy
+    cases = [("fsdp->ddp", ref_fsdp, ddp, final_fsdp), ("ddp->fsdp", ref_ddp, fsdp, final_ddp)]
+    for name, src, strategy, want in cases:
         run = tmp_path / name.replace(">", "")
         _torchrun(run, catalog_cache, *strategy, f"trainer.resume={src / 'checkpoints' / 'step_000000004.pt'}")
         assert _steps(run) == [5, 6], name
         diff = _diff(_weights(run), want)
-        assert diff <= tol, f"{name}: final weights differ from the uninterrupted run's by {diff:.2e}"
+        assert diff <= 1e-5, f"{name}: final weights differ from the uninterrupted run's by {diff:.2e}"
     # and the two strategies agree with each other over 6 steps
     assert _diff(final_fsdp, final_ddp) <= 1e-5
