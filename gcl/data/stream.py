@@ -82,6 +82,14 @@ _MAX_CONSECUTIVE_SKIPS = 10_000
 _MIX_CHUNK = 1024  # per-sample source choices are drawn this many at a time (one RNG per chunk)
 # Salts keep the RNG streams of different purposes independent for the same (seed, ...) numbers.
 _SALT_EPOCH, _SALT_RESAMPLE, _SALT_MIX, _SALT_BLOCK, _SALT_SAMPLE, _SALT_LOADER = 1, 2, 3, 4, 5, 6
+_ELASTIC = 7  # marks the RNG keys of slots made by an elastic re-partition (gcl.data.elastic)
+
+
+def _rng_key(seed: int, salt: int, gen: int, *parts: int) -> list[int]:
+    """Entropy words of one slot-specific RNG stream. ``gen`` counts the elastic re-partitions (resumes on
+    another layout of ranks x workers) the stream went through: a slot made by one draws from streams of its
+    own, never those of an earlier layout's slot with the same number; ``gen`` 0 keeps the original keys."""
+    return [seed, salt, *parts] if gen == 0 else [seed, salt, _ELASTIC, gen, *parts]
 
 
 # ----------------------------------------------------------------------------------- raw sample cursors
@@ -96,6 +104,36 @@ def _quota(total: int, epoch: int, slot: int, n_slots: int) -> int:
     return ((epoch + 1) * total + slot) // n_slots - (epoch * total + slot) // n_slots
 
 
+def _exact_range(total: int, epoch: int, slot: int, n_slots: int) -> tuple[int, int]:
+    """Slot ``slot``'s contiguous run ``[lo, hi)`` of an epoch's ``total`` samples (numbered in shard order)."""
+    lo = sum(_quota(total, epoch, s, n_slots) for s in range(slot))
+    return lo, lo + _quota(total, epoch, slot, n_slots)
+
+
+def _epoch_perm(seed: int, source: int, epoch: int, n_shards: int) -> np.ndarray:
+    """The shard order of one epoch of a source: the same on every rank and for every layout."""
+    return np.random.default_rng([seed, _SALT_EPOCH, source, epoch]).permutation(n_shards)
+
+
+def _range_pieces(sizes: list[int], perm: np.ndarray, ranges: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """``(shard index, first sample, end sample)`` pieces, in reading order, of the epoch samples in ``ranges``.
+
+    The epoch is the shards in ``perm`` order, concatenated; its samples are numbered in that order, and
+    ``ranges`` are sorted, disjoint ``[a, b)`` runs of those numbers. A run may start or end inside a shard
+    (read sequentially up to its first sample)."""
+    ends = np.cumsum([sizes[i] for i in perm])
+    pieces = []
+    for a, b in ranges:
+        k = int(np.searchsorted(ends, a, side="right"))  # the shard holding sample a
+        while a < b:
+            start = int(ends[k]) - sizes[perm[k]]
+            stop = min(b, int(ends[k]))
+            if stop > a:
+                pieces.append((int(perm[k]), a - start, stop - start))
+            a, k = max(a, stop), k + 1
+    return pieces
+
+
 def _exact_share(sizes: list[int], perm: np.ndarray, epoch: int, slot: int, n_slots: int) -> list[tuple[int, int, int]]:
     """This slot's share of an epoch: ``(shard index, first sample, end sample)`` pieces, in reading order.
 
@@ -103,18 +141,8 @@ def _exact_share(sizes: list[int], perm: np.ndarray, epoch: int, slot: int, n_sl
     samples after those of slots 0..s-1. Slots split samples, not shards: a run may start or end inside a
     shard (read sequentially up to its first sample), and every sample of the epoch is in exactly one run.
     """
-    total = sum(sizes)
-    lo = sum(_quota(total, epoch, s, n_slots) for s in range(slot))
-    hi = lo + _quota(total, epoch, slot, n_slots)
-    pieces, c = [], 0
-    for i in perm:
-        if c >= hi:
-            break
-        first, end = max(lo, c) - c, min(hi, c + sizes[i]) - c
-        if first < end:
-            pieces.append((int(i), first, end))
-        c += sizes[i]
-    return pieces
+    lo, hi = _exact_range(sum(sizes), epoch, slot, n_slots)
+    return _range_pieces(sizes, perm, [(lo, hi)] if hi > lo else [])
 
 
 class _SourceCursor:
@@ -132,11 +160,16 @@ class _SourceCursor:
     every slot reads all shards and keeps the epoch's raw sample number ``c`` iff ``c % n == s``); slots then
     hold unequal shares, so epochs are approximate. Resampled mode: "epoch" ``e`` is a chunk of
     ``ceil(shards / slots)`` shards drawn with replacement by ``(seed, source, slot, e)``.
+
+    After an elastic re-partition (``elastic``: ``{"gen", "residual", "from"}``, see ``gcl.data.elastic``)
+    the slot's plan for an epoch listed in ``residual`` is that explicit list of ``[a, b)`` runs of the
+    epoch's sample numbers (what the earlier layout left of it), epochs before ``from`` hold nothing else,
+    and epochs from ``from`` on are this layout's exact shares.
     """
 
     def __init__(self, urls: list[str], *, source: int, seed: int, resampled: bool, slot: int, n_slots: int,
                  state: dict[str, int], on_error: Callable[[str, str, BaseException], None],
-                 sizes: list[int] | None = None) -> None:
+                 sizes: list[int] | None = None, elastic: dict[str, Any] | None = None) -> None:
         self.urls, self.source, self.seed, self.resampled = urls, source, seed, resampled
         self.slot, self.n_slots, self.on_error = slot, n_slots, on_error
         self.epoch, self.shard, self.offset = int(state["epoch"]), int(state["shard"]), int(state["offset"])
@@ -144,6 +177,9 @@ class _SourceCursor:
         self.sizes = None if resampled else sizes
         self.sample_split = not resampled and sizes is None and len(urls) < n_slots
         self.epoch_end = False
+        self.gen = int(elastic["gen"]) if elastic else 0
+        self.residual = {int(e): [tuple(r) for r in rs] for e, rs in elastic["residual"].items()} if elastic else {}
+        self.normal_from = int(elastic["from"]) if elastic else 0
         self._declared = {} if self.sizes is None else dict(zip(urls, self.sizes))
         self._size_warned: set[str] = set()
         self._gen = self._generate()
@@ -156,10 +192,14 @@ class _SourceCursor:
         meaning the shard's end."""
         n = len(self.urls)
         if self.resampled:
-            rng = np.random.default_rng([self.seed, _SALT_RESAMPLE, self.source, self.slot, epoch])
+            rng = np.random.default_rng(_rng_key(self.seed, _SALT_RESAMPLE, self.gen, self.source, self.slot, epoch))
             return [(self.urls[i], 0, None) for i in rng.integers(0, n, size=math.ceil(n / self.n_slots))]
-        perm = np.random.default_rng([self.seed, _SALT_EPOCH, self.source, epoch]).permutation(n)
+        perm = _epoch_perm(self.seed, self.source, epoch, n)
         if self.sizes is not None:
+            if epoch in self.residual:
+                return [(self.urls[i], a, b) for i, a, b in _range_pieces(self.sizes, perm, self.residual[epoch])]
+            if epoch < self.normal_from:
+                return []
             return [(self.urls[i], a, b) for i, a, b in _exact_share(self.sizes, perm, epoch, self.slot, self.n_slots)]
         if self.sample_split:
             return [(self.urls[i], 0, None) for i in perm]
@@ -176,8 +216,10 @@ class _SourceCursor:
             whole_epoch = self.shard == 0 and self.offset == 0
             produced = 0
             while self.shard < len(plan):
-                url, first, end = plan[self.shard]
-                for raw in self._piece(url, max(first, self.offset), end):
+                last = self.shard
+                while last + 1 < len(plan) and plan[last + 1][0] == plan[last][0] and plan[last][2] is not None:
+                    last += 1  # later pieces of the same shard (a re-partitioned plan): one pass reads them all
+                for raw in self._pieces(plan[self.shard][0], plan[self.shard:last + 1]):
                     c = self.seen
                     self.seen = c + 1
                     if self.sample_split and c % self.n_slots != self.slot:
@@ -185,10 +227,10 @@ class _SourceCursor:
                     produced += 1
                     self.epoch_end = self.seen == planned
                     yield raw
-                self.shard, self.offset = self.shard + 1, 0
+                self.shard, self.offset = last + 1, 0
             self.epoch, self.shard, self.offset, self.seen = self.epoch + 1, 0, 0, 0
             if planned == 0:
-                continue  # fewer samples than slots: this slot has no share of this epoch
+                continue  # fewer samples than slots (or a re-partitioned epoch): this slot has no share of it
             empty_rounds = empty_rounds + 1 if (whole_epoch and produced == 0) else 0
             # Shard-split epochs: a whole empty epoch means this slot can never get data. An exact share can
             # sit inside one damaged shard for an epoch (it moves every epoch) and resampled draws can be
@@ -200,14 +242,22 @@ class _SourceCursor:
                     f"{[p[0] for p in plan[:3]]}{'...' if len(plan) > 3 else ''}): they are unreadable (see the shard_error "
                     f"warnings), or the source has fewer samples than the {self.n_slots} readers")
 
-    def _piece(self, url: str, start: int, end: int | None) -> Iterator[dict[str, Any]]:
-        """Samples ``start <= i < end`` (in tar order) of one shard, updating ``offset``; the ones before
-        ``start`` are read and dropped undecoded (a tar stream cannot seek)."""
-        if end is not None and start >= end:
+    def _pieces(self, url: str, pieces: list[tuple[str, int, int | None]]) -> Iterator[dict[str, Any]]:
+        """Samples ``first <= i < end`` (in tar order) of consecutive pieces ``pieces`` of one shard, read in one
+        pass from ``offset`` on, updating ``shard`` and ``offset``; the samples between them are read and
+        dropped undecoded (a tar stream cannot seek)."""
+        base, k = self.shard, 0
+        _, first, end = pieces[0]
+        start = max(first, self.offset)
+        if end is not None and start >= end and len(pieces) == 1:
             return  # resumed right after this piece's last sample
         declared = self._declared.get(url)
         i = -1
         for i, raw in enumerate(_iter_shard(url, self.on_error)):
+            while end is not None and i >= end and k + 1 < len(pieces):  # on to the next piece of this shard
+                k += 1
+                self.shard, self.offset = base + k, 0
+                _, start, end = pieces[k]
             if end is not None and i >= end:  # only reached at the declared end: the shard holds more
                 self._size_mismatch(url, declared, "more than")
                 return
@@ -215,7 +265,7 @@ class _SourceCursor:
                 continue
             self.offset = i + 1
             yield raw
-            if end is not None and i + 1 == end and end != declared:
+            if end is not None and i + 1 == end and k + 1 == len(pieces) and end != declared:
                 return  # the rest of this shard belongs to other slots
         if end is not None and i + 1 < end:
             self._size_mismatch(url, declared, f"only {i + 1}, fewer than")
@@ -228,22 +278,30 @@ class _SourceCursor:
                        "(samples beyond the listed count are never read); rewrite sizes.json", url, how, declared)
 
 
+def _mix_chunk(seed: int, gen: int, slot: int, chunk_no: int, p: np.ndarray) -> np.ndarray:
+    """Source choices ``chunk_no * _MIX_CHUNK ...`` of a slot: a pure function of ``(seed, gen, slot, chunk)``."""
+    rng = np.random.default_rng(_rng_key(seed, _SALT_MIX, gen, slot, chunk_no))
+    return rng.choice(len(p), size=_MIX_CHUNK, p=p)
+
+
 class _Mixer:
     """Raw samples of one slot: one pooled source, or a per-sample weighted choice among sources.
 
     State ``{"t": draws so far, "sources": [cursor states]}``; source choice number ``t`` is a pure
-    function of ``(seed, slot, t)``.
+    function of ``(seed, gen, slot, t)``. ``elastic``: the slot's re-partition record (``gcl.data.elastic``).
     """
 
     def __init__(self, sources: list[list[str]], weights: list[float] | None, *, seed: int, resampled: bool,
                  slot: int, n_slots: int, state: dict[str, Any],
                  on_error: Callable[[str, str, BaseException], None],
-                 sizes: list[list[int] | None] | None = None) -> None:
+                 sizes: list[list[int] | None] | None = None, elastic: dict[str, Any] | None = None) -> None:
         self.seed, self.slot = seed, slot
+        self.gen = int(elastic["gen"]) if elastic else 0
         sizes = sizes or [None] * len(sources)
         self.cursors = [
             _SourceCursor(urls, source=i, seed=seed, resampled=resampled, slot=slot, n_slots=n_slots,
-                          state=st, on_error=on_error, sizes=sz)
+                          state=st, on_error=on_error, sizes=sz,
+                          elastic={"gen": self.gen, **elastic["sources"][i]} if elastic else None)
             for i, (urls, st, sz) in enumerate(zip(sources, state["sources"], sizes))
         ]
         self.epoch_end = False  # the last sample returned ended this slot's share of an epoch of its source
@@ -259,8 +317,7 @@ class _Mixer:
         if self.p is not None:
             chunk_no = self.t // _MIX_CHUNK
             if chunk_no != self._chunk_no:
-                rng = np.random.default_rng([self.seed, _SALT_MIX, self.slot, chunk_no])
-                self._chunk_no, self._chunk = chunk_no, rng.choice(len(self.p), size=_MIX_CHUNK, p=self.p)
+                self._chunk_no, self._chunk = chunk_no, _mix_chunk(self.seed, self.gen, self.slot, chunk_no, self.p)
             i = int(self._chunk[self.t % _MIX_CHUNK])
         self.t += 1
         raw = next(self.cursors[i])
@@ -303,6 +360,22 @@ class _TrainDataset(IterableDataset):
         return _worker_batches(self.spec, logical, self.positions[logical], in_worker=info is not None)
 
 
+def _prune_residual(elastic: dict[str, Any], start: dict[str, Any]) -> dict[str, Any]:
+    """The re-partition record without the epochs each source's cursor has left behind (they would only
+    grow every checkpoint); ``gcl.data.elastic`` reads a dropped epoch as one this slot has finished."""
+    sources, dropped = [], False
+    for src, cur in zip(elastic["sources"], start["sources"]):
+        keep = {e: runs for e, runs in src["residual"].items() if int(e) >= int(cur["epoch"])}
+        dropped |= len(keep) < len(src["residual"])
+        sources.append({**src, "residual": keep})
+    return {**elastic, "sources": sources} if dropped else elastic
+
+
+def _block_order(seed: int, gen: int, slot: int, block_no: int, n: int) -> np.ndarray:
+    """The order in which a slot's block ``block_no`` of ``n`` raw samples is used."""
+    return np.random.default_rng(_rng_key(seed, _SALT_BLOCK, gen, slot, block_no)).permutation(n)
+
+
 def _read_block(mixer: _Mixer, block_size: int) -> list[dict[str, Any]]:
     """The next shuffle block: ``block_size`` raw samples, or fewer where the slot's share of an epoch ends.
     A block never mixes two epochs, so exact epochs stay exact and a sample never meets itself in a block."""
@@ -320,9 +393,11 @@ def _worker_batches(spec: dict[str, Any], logical: int, pos: dict[str, Any], *, 
     n_slots = spec["world_size"] * n_logical
     seed, block_size, batch_size = spec["seed"], spec["block_size"], spec["batch_size"]
     log = _SkipLog(f"rank {spec['rank']} worker {logical}", pos["skipped"])
+    elastic = pos.get("elastic")  # present after a resume on another layout (gcl.data.elastic)
+    gen = int(elastic["gen"]) if elastic else 0
     mixer = _Mixer(spec["sources"], spec["weights"], seed=seed, resampled=spec["resampled"], slot=slot,
                    n_slots=n_slots, state=pos["start"], on_error=lambda r, url, e: log(r, url, repr(e)),
-                   sizes=spec["sizes"])
+                   sizes=spec["sizes"], elastic=elastic)
     decode = _Decoder(spec["fields"], spec["image_transform"], spec["list_rule"], spec["list_sep"],
                       spec["background"])
     collate = _Collator(spec["tokenizer"], spec["context_length"], spec["fields"], spec["trim_tokens"])
@@ -332,16 +407,19 @@ def _worker_batches(spec: dict[str, Any], logical: int, pos: dict[str, Any], *, 
     saved_rng = None
     while True:
         start = mixer.state()
+        if elastic:
+            elastic = _prune_residual(elastic, start)
         block = _read_block(mixer, block_size)
         end = mixer.state()
-        order = np.random.default_rng([seed, _SALT_BLOCK, slot, block_no]).permutation(len(block))
+        order = _block_order(seed, gen, slot, block_no, len(block))
         for j in range(j0, len(block)):
             if not in_worker and saved_rng is None:
                 # In-process loading must not disturb the trainer's RNG streams (dropout, etc.).
                 saved_rng = (torch.random.get_rng_state(), random.getstate())
             raw = block[order[j]]
             block[order[j]] = None  # free the bytes early
-            rng = _seed_all(int(np.random.SeedSequence([seed, _SALT_SAMPLE, slot, block_no, j]).generate_state(1)[0]))
+            rng = _seed_all(int(np.random.SeedSequence(_rng_key(seed, _SALT_SAMPLE, gen, slot, block_no, j))
+                                .generate_state(1)[0]))
             try:
                 pending.append(decode(raw, rng))
                 consecutive_skips = 0
@@ -360,6 +438,8 @@ def _worker_batches(spec: dict[str, Any], logical: int, pos: dict[str, Any], *, 
                 batch = collate(pending, log.take_delta())
                 batch["_worker"] = logical
                 batch["_pos"] = {**nxt, "skipped": dict(log.totals)}
+                if elastic:
+                    batch["_pos"]["elastic"] = elastic
                 pending = []
                 if saved_rng is not None:
                     torch.random.set_rng_state(saved_rng[0])
@@ -410,19 +490,41 @@ class TrainStream:
         }))
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]], strict: bool = False) -> None:
-        """Continue from ``state`` (this rank's, or a list of all ranks' states). With a different data
-        configuration or topology (workers, world size) exact resume is impossible: ``strict`` raises,
-        otherwise each source restarts at the start of the earliest saved epoch (a warning says so)."""
+        """Continue from ``state``: this rank's state, or the list of every rank's states.
+
+        Given every rank's states of another layout (world size, DataLoader workers or per-rank batch; the
+        data settings unchanged), the saved epochs are re-partitioned over this layout and stay exact
+        (``gcl.data.elastic``). Any other difference (data settings, or one state of another layout) makes
+        exact resume impossible: ``strict`` raises, otherwise each source restarts at the start of the
+        earliest saved epoch (a warning says so). Where a re-partition is impossible (shard sizes unknown),
+        ``strict`` raises ``gcl.data.elastic.ElasticError`` and otherwise the epoch restarts the same way."""
+        states = state if isinstance(state, list) else [state]
+        for st in states:
+            if st.get("version") != STATE_VERSION:
+                raise ValueError(f"data stream state version {st.get('version')!r}; this code reads {STATE_VERSION}")
+        here = self._fingerprint()
+
+        def differs(st: dict[str, Any]) -> list[str]:
+            saved = {**st["config"], "num_workers": max(1, int(st["config"].get("num_workers") or 0))}
+            return sorted(k for k in here if saved.get(k) != here[k])
+
         if isinstance(state, list):
-            mine = [s for s in state if s.get("config", {}).get("rank") == self.rank]
+            layout = {"world_size", "num_workers", "batch_size"}
+            diffs = [set(differs(st)) for st in states]
+            if len(states) != here["world_size"] or any(d & layout for d in diffs):  # another layout
+                if all(d <= layout | {"rank"} for d in diffs):
+                    return self._repartition(states, strict)
+                msg = (f"data stream state differs from this configuration in {sorted(set().union(*diffs))}; exact "
+                       "resume is impossible")
+                if strict:
+                    raise ValueError(msg + " (resume with the same data settings or pass strict=False)")
+                self._batches = max(int(s["batches"]) for s in states)
+                return self._restart_epochs(states[0], msg)
+            mine = [st for st in states if st.get("config", {}).get("rank") == self.rank]
             if len(mine) != 1:
                 raise ValueError(f"expected exactly one state for rank {self.rank} in the list, found {len(mine)}")
             state = mine[0]
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data stream state version {state.get('version')!r}; this code reads {STATE_VERSION}")
-        here = self._fingerprint()
-        saved = {**state["config"], "num_workers": max(1, int(state["config"].get("num_workers") or 0))}
-        diff = sorted(k for k in here if saved.get(k) != here[k])
+        diff = differs(state)
         self._batches = int(state["batches"])
         if not diff:
             self._positions = [dict(p) for p in state["workers"]]
@@ -431,6 +533,23 @@ class TrainStream:
         msg = f"data stream state differs from this configuration in {diff}; exact resume is impossible"
         if strict:
             raise ValueError(msg + " (resume with the same data/loader settings or pass strict=False)")
+        self._restart_epochs(state, msg)
+
+    def _repartition(self, states: list[dict[str, Any]], strict: bool) -> None:
+        from gcl.data.elastic import ElasticError, repartition  # elastic builds on this module's primitives
+
+        try:
+            self._positions, self._batches = repartition(states, self._spec)
+        except ElasticError as e:
+            if strict:
+                raise
+            self._batches = max(int(s["batches"]) for s in states)
+            self._restart_epochs(states[0], str(e))
+            return
+        self._next_worker = 0
+
+    def _restart_epochs(self, state: dict[str, Any], msg: str) -> None:
+        """Every worker starts each source at the start of the earliest epoch ``state`` saved (skip totals kept)."""
         n_src = len(self._spec["sources"])
         saved = [w["start"]["sources"] for w in state["workers"]]
         epochs = [min(w[i]["epoch"] for w in saved) if len(saved[0]) == n_src else 0 for i in range(n_src)]
