@@ -173,6 +173,7 @@ class TrainerConfig:
     resume: Optional[str] = None  # auto | PATH | URL of a remote_sync prefix | null
     remote_sync: Optional[str] = None  # s3://bucket/runs/NAME: mirror checkpoints + export there (gcl.remote)
     resume_changes: str = "refuse"  # refuse | allow (gcl.resume)
+    elastic_batch: str = "keep_global"  # keep_global | per_process: the batch on another number of processes
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
@@ -367,6 +368,7 @@ IMAGE = "image"
 RESUME_CHANGES = ("refuse", "allow")  # trainer.resume_changes (gcl.resume)
 STRATEGIES = ("ddp", "fsdp")  # trainer.strategy
 FSDP_CHECKPOINTS = ("full", "sharded")  # trainer.fsdp_checkpoint
+ELASTIC_BATCH = ("keep_global", "per_process")  # trainer.elastic_batch (gcl.resume.per_process_batch)
 TEXT_PACKING = ("auto", "prefix", "buckets")  # model.text_packing (see gcl.model.FieldEncoder)
 COMPILE = ("none", "model", "step")  # model.compile (see gcl.model.speed)
 ATTENTION = ("auto", "cudnn", "efficient", "math")  # model.attention (see gcl.model.speed.attention_kernels)
@@ -540,6 +542,8 @@ def validate(cfg: DictConfig) -> None:
     if t.resume_changes not in RESUME_CHANGES:
         _fail("trainer.resume_changes", f"{t.resume_changes!r} is not one of {', '.join(RESUME_CHANGES)}")
     validate_strategy(t, cfg.model, cfg.optim)
+    if t.elastic_batch not in ELASTIC_BATCH:
+        _fail("trainer.elastic_batch", f"{t.elastic_batch!r} is not one of {', '.join(ELASTIC_BATCH)}")
     validate_optim(cfg.optim, cfg.sched)
     validate_finetune(cfg)
 

@@ -11,9 +11,15 @@ config is compared with it key by key, and every difference falls in one class o
   ``optim.lr 0.0005 -> 1e-06 from step N`` (:func:`load_optimizer_keeping_settings` makes them win over
   the values stored in the optimizer and scheduler state).
 - ``refused``: changes that break exactness or meaning (data, loss, model and its LoRA adapters, batch size,
-  seed, world size, turning an unlock schedule or layer-wise decay on or off):
-  the resume stops before any step, naming each key and the ways out (``trainer.resume_changes=allow``,
-  which warns instead, or a fresh start from the checkpoint's weights).
+  seed, turning an unlock schedule or layer-wise decay on or off): the resume stops before any step, naming
+  each key and the ways out (``trainer.resume_changes=allow``, which warns instead, or a fresh start from the
+  checkpoint's weights).
+
+Elastic resume: another number of processes (or DataLoader workers) is applied. The data position of every
+old rank x worker is re-partitioned over the new ones so the interrupted epoch stays exact
+(``gcl.data.elastic``); the per-process batch follows from the global batch (:func:`per_process_batch`,
+``trainer.elastic_batch``); each new rank's RNG streams are re-derived from ``(trainer.seed, step, rank, world
+size)`` (:func:`elastic_seed`).
 
 Also here: the config history (``.hydra/config.step_<N>.yaml``: the config of the launch that started at
 step N, kept because Hydra rewrites ``.hydra/config.yaml`` on every launch). Not here: reading and
@@ -29,17 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
 APPLIED, FROM_STEP, REFUSED = "applied", "from_step", "refused"
 WORLD_SIZE = "world size"  # not a config key: the number of processes, compared like one
-
-
-def _workers(old: Any, new: Any) -> str:
-    # the sample order is a function of (rank, logical worker); 0 and 1 workers are both one logical worker
-    return APPLIED if max(1, int(old or 0)) == max(1, int(new or 0)) else REFUSED
 
 
 def _both_set(old: Any, new: Any) -> str:
@@ -49,8 +51,9 @@ def _both_set(old: Any, new: Any) -> str:
 
 
 Rule = str | Callable[[Any, Any], str]
-# The classes of change, by key prefix (longest match wins; a key under no prefix is refused). Elastic
-# resume on another world size (issue 18) will turn WORLD_SIZE into a rule of its own.
+# The classes of change, by key prefix (longest match wins; a key under no prefix is refused). Another number of
+# processes or DataLoader workers is applied: the data position is re-partitioned exactly (gcl.data.elastic);
+# data.batch_size is settled by per_process_batch before this table is consulted.
 CHANGE_RULES: dict[str, Rule] = {
     "model": REFUSED,
     "model.cache_dir": APPLIED,
@@ -61,7 +64,7 @@ CHANGE_RULES: dict[str, Rule] = {
     "model.lock_text_steps": _both_set,
     "model.text_packing": APPLIED,
     "data": REFUSED,
-    "data.num_workers": _workers,
+    "data.num_workers": APPLIED,
     "data.prefetch_factor": APPLIED,
     "data.val_shards": APPLIED,
     "data.test_shards": APPLIED,
@@ -78,11 +81,11 @@ CHANGE_RULES: dict[str, Rule] = {
     "eval": APPLIED,
     "logger": APPLIED,
     "export": APPLIED,
-    WORLD_SIZE: REFUSED,
+    WORLD_SIZE: APPLIED,
 }
 WHY = {
-    REFUSED: "change the data, the loss, the model, the batch, the processes or what the optimizer holds, so the "
-             "run would not continue the checkpoint's",
+    REFUSED: "change the data, the loss, the model, the batch or what the optimizer holds, so the run would not "
+             "continue the checkpoint's",
 }
 _ABSENT = "<absent>"  # a key (or list item) only one side has
 
@@ -156,21 +159,72 @@ def check(changes: list[Change], *, policy: str, checkpoint: Path, step: int) ->
     lines = "\n".join(f"  {c.describe(step)}" for c in refused)
     if policy == "allow":
         log.warning("trainer.resume_changes=allow: resuming %s (step %d) despite changes that %s; the run no "
-                    "longer continues the checkpoint's exactly (the data stream restarts at the start of its "
-                    "epoch where its settings changed):\n%s", checkpoint, step, WHY[REFUSED], lines)
+                    "longer continues the checkpoint's exactly (where data settings changed, the data stream "
+                    "restarts at the start of its epoch):\n%s", checkpoint, step, WHY[REFUSED], lines)
         return
-    fixes = []
-    if any(c.key == WORLD_SIZE for c in refused):
-        w = next(c.old for c in refused if c.key == WORLD_SIZE)
-        fixes.append(f"relaunch with {w} processes (each rank's data position and RNG are saved)")
     raise ResumeRefused(
         f"trainer.resume: the checkpoint {checkpoint} (step {step}) was trained with settings this launch changes; "
         f"these changes {WHY[REFUSED]}:\n{lines}\nWays out: "
-        + "; ".join(fixes + [
+        + "; ".join([
             "undo these overrides to continue exactly",
             "add trainer.resume_changes=allow to continue anyway (each change is warned about)",
             f"or start a new run from its weights: model.pretrained={checkpoint} trainer.resume=null "
             "hydra.run.dir=NEW_DIR"]))
+
+
+# ------------------------------------------------------------------------------------------ elastic resume
+
+KEEP_GLOBAL, PER_PROCESS = "keep_global", "per_process"  # trainer.elastic_batch
+
+
+def per_process_batch(changes: list[Change], *, saved_batch: int, saved_world: int, saved_global: int | None,
+                      batch: int, world: int, mode: str, accum_steps: int) -> tuple[int, list[Change], str | None]:
+    """The per-process batch a resume trains with, the changes with ``data.batch_size`` settled, and a line
+    to log (None when nothing moves).
+
+    ``saved_global``: the checkpoint's global batch (processes x per-process batch; older checkpoints: None,
+    then ``saved_batch x saved_world``). ``batch``: this launch's ``data.batch_size``. With
+    ``mode="keep_global"`` and ``data.batch_size`` as the checkpoint's config has it, the global batch stays:
+    each of the ``world`` processes takes ``global / world`` (refused, naming the numbers and the override,
+    when that does not divide, or does not divide by ``trainer.accum_steps``). An explicit ``data.batch_size``
+    that keeps the global batch is applied; another one stays a refused change. ``mode="per_process"`` accepts
+    a new global batch: ``data.batch_size`` per process, whatever it was."""
+    glob = saved_global or saved_batch * saved_world
+    rest = [c for c in changes if c.key != "data.batch_size"]
+    if mode == PER_PROCESS:
+        moved = [Change("data.batch_size", saved_batch, batch, FROM_STEP)] if batch != saved_batch else []
+        line = None if batch * world == glob else (
+            f"global batch {glob} -> {batch * world} (trainer.elastic_batch=per_process: "
+            f"data.batch_size={batch} per process x {world} process{'es' if world > 1 else ''})")
+        return batch, rest + moved, line
+    if batch != saved_batch:
+        if batch * world == glob:  # an explicit per-process batch that keeps the global one
+            return batch, rest + [Change("data.batch_size", saved_batch, batch, APPLIED)], None
+        return batch, changes, None  # a refused change of the batch (check() names it)
+    procs = f"{world} process{'es' if world > 1 else ''}"
+    if glob % world or (glob // world) % accum_steps:
+        why = (f"does not divide over {procs} ({glob} / {world} = {glob / world:.4g})" if glob % world else
+               f"gives {glob // world} per process, which trainer.accum_steps={accum_steps} does not divide")
+        ok = [w for w in range(1, glob + 1) if glob % w == 0 and (glob // w) % accum_steps == 0]
+        raise ResumeRefused(
+            f"trainer.resume: the checkpoint's global batch {glob} ({saved_world} process"
+            f"{'es' if saved_world > 1 else ''} x {glob // saved_world} per process) {why}, so it cannot be kept. "
+            f"Ways out: relaunch on a number of processes it fits ({', '.join(map(str, ok[:12]))}"
+            f"{', ...' if len(ok) > 12 else ''}); or accept a new global batch with trainer.elastic_batch="
+            f"per_process, which trains with data.batch_size per process ({batch} x {world} = {batch * world} "
+            f"here; set data.batch_size=N for N x {world})")
+    per = glob // world
+    line = None if per == batch else (
+        f"data.batch_size {batch} -> {per} per process: the global batch {glob} stays on {procs} "
+        "(trainer.elastic_batch=keep_global)")
+    return per, changes, line
+
+
+def elastic_seed(seed: int, step: int, rank: int, world: int) -> int:
+    """The seed of rank ``rank``'s RNG streams (torch, CUDA, numpy, random) after a resume at ``step`` on
+    another number of processes ``world``: the saved per-rank states belong to the old ranks, so each new rank
+    draws fresh streams that depend on nothing else (the same ones on every replay of that resume)."""
+    return int(np.random.SeedSequence([seed, step, rank, world, 0x18E]).generate_state(1)[0])
 
 
 def load_optimizer_keeping_settings(optimizer: torch.optim.Optimizer, scheduler: Any, opt_state: dict[str, Any],

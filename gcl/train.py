@@ -148,6 +148,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self.wandb_id = uuid.uuid4().hex[:8]  # one wandb run across resumes (kept in the checkpoint)
         self._saved_step: int | None = None  # the step of the newest checkpoint written or loaded
+        self._restore_rng: Callable[[], None] | None = None  # set by a resume, run when the loop starts
         self._resume()
 
     # ------------------------------------------------------------------------------------------- build
@@ -261,21 +262,27 @@ class Trainer:
     def _build_data(self) -> None:
         """The splits and this rank's resumable training stream."""
         from gcl.data import resolve_splits
+
+        d = self.cfg.data
+        # eval tasks may read splits of a generated dataset other than the training data (world/test)
+        extra = [k.split for k in self.cfg.eval.tasks if k.split] if self._in_loop_eval() else ()
+        self.splits = resolve_splits(d, extra=extra)
+        self._check_loss_fields()
+        self.batch_size = d.batch_size  # per process; a resume on another number of processes may change it
+        self.stream = self._build_stream()
+
+    def _build_stream(self) -> Any:
+        """This rank's resumable training stream of ``self.batch_size`` samples per batch."""
         from gcl.data.stream import build_train_stream
 
         cfg, acc = self.cfg, self.accelerator
-        t = cfg.trainer
-        d = cfg.data
-        # eval tasks may read splits of a generated dataset other than the training data (world/test)
-        extra = [k.split for k in cfg.eval.tasks if k.split] if self._in_loop_eval() else ()
-        self.splits = resolve_splits(d, extra=extra)
-        self._check_loss_fields()
+        t, d = cfg.trainer, cfg.data
         ctx = {f: min(d.context_length.get(f, d.default_context_length), self.bundle.context_length)
                for f in self.fields if f != "image"}
-        self.stream = build_train_stream(
+        return build_train_stream(
             self.splits["train"], tokenizer=self.bundle.tokenizer, context_length=ctx,
             image_transform=self.bundle.preprocess_train if d.augment else self.bundle.preprocess_val,
-            batch_size=d.batch_size,
+            batch_size=self.batch_size,
             fields=[f for f in self.fields if f != "image"], num_workers=d.num_workers, seed=t.seed,
             resampled=d.resampled, source_weights=list(d.source_weights) if d.source_weights else None,
             shuffle_buffer=d.shuffle_buffer, list_rule=d.list_rule, list_sep=d.list_sep,
@@ -358,6 +365,7 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else None,
             "step": self.step,
             "world_size": self.world_size,
+            "global_batch": self.batch_size * self.world_size,
             "per_rank": per_rank,
             "counters": {"nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak},
             "best": self.best,
@@ -381,11 +389,20 @@ class Trainer:
         changes = resume.diff(saved, OmegaConf.to_container(self.cfg, resolve=True), state["world_size"],
                               self.world_size)
         try:
+            batch, changes, moved_batch = resume.per_process_batch(
+                changes, saved_batch=saved["data"]["batch_size"], saved_world=state["world_size"],
+                saved_global=state.get("global_batch"), batch=self.cfg.data.batch_size, world=self.world_size,
+                mode=self.cfg.trainer.elastic_batch, accum_steps=self.cfg.trainer.accum_steps)
             resume.check(changes, policy=self.cfg.trainer.resume_changes, checkpoint=path, step=step)
         except resume.ResumeRefused:
             if self.is_main:
                 resume.restore_config(self.run_dir, step, state["config"])
             raise
+        if moved_batch:
+            log.info("resume at step %d: %s", step, moved_batch)
+        if batch != self.batch_size:
+            self.batch_size = batch
+            self.stream = self._build_stream()
         opt_state = state["optimizer"]
         if self.sharded:  # the file holds full tensors (either strategy wrote it): each rank keeps its shard
             load_full_model_state(self.model, state["model"])
@@ -409,11 +426,7 @@ class Trainer:
             log.info("resume: trainer.best_metric/best_mode changed, so the best value so far starts afresh")
         else:
             self.best = state["best"]
-        per_rank = state["per_rank"]
-        mine = per_rank[self.rank] if self.rank < len(per_rank) else per_rank[0]  # other world size: allowed
-        self.stream.load_state_dict(mine["data"])
-        if self.rank < len(per_rank):
-            self._resume_rng = mine["rng"]
+        self._load_positions(state, path)
         self.resumed_from = step
         self._saved_step = step
         self.wandb_id = state.get("wandb_id") or self.wandb_id
@@ -447,6 +460,37 @@ class Trainer:
             acc._models = [x for x in acc._models if x is not old]  # drop the old DDP (its hooks go with it)
             del old
             self.forward_module = acc.prepare_model(plain)
+
+    def _load_positions(self, state: dict[str, Any], path: Path) -> None:
+        """This rank's data position and RNG streams from the checkpoint. On the checkpoint's number of
+        processes each rank continues its own; on another, every old rank x worker position is re-partitioned
+        over the new ones (``gcl.data.elastic``: the interrupted epoch stays exact) and each rank's RNG streams
+        are re-derived from ``(trainer.seed, step, rank, world size)`` (``gcl.resume.elastic_seed``)."""
+        from accelerate.utils import set_seed
+
+        from gcl.data.elastic import ElasticError
+
+        per_rank = state["per_rank"]
+        elastic = len(per_rank) != self.world_size
+        policy = self.cfg.trainer.resume_changes
+        try:
+            # strict: a layout that cannot be re-partitioned exactly is refused, not restarted (unless allowed)
+            self.stream.load_state_dict([p["data"] for p in per_rank], strict=elastic and policy != "allow")
+        except (ElasticError, ValueError) as e:
+            if self.is_main:
+                resume.restore_config(self.run_dir, state["step"], state["config"])
+            raise resume.ResumeRefused(
+                f"trainer.resume: {path} (step {state['step']}) cannot continue its data position exactly on "
+                f"{self.world_size} process(es): {e}; or add trainer.resume_changes=allow to restart the "
+                "interrupted epoch") from e
+        if not elastic:
+            saved_rng = per_rank[self.rank]["rng"]
+            self._restore_rng = lambda: set_rng_state(saved_rng)
+        else:
+            seed = resume.elastic_seed(self.cfg.trainer.seed, state["step"], self.rank, self.world_size)
+            self._restore_rng = lambda: set_seed(seed)
+            log.info("resume: %d -> %d processes at step %d: data positions re-partitioned exactly, RNG streams "
+                     "re-derived (rank %d seed %d)", len(per_rank), self.world_size, state["step"], self.rank, seed)
 
     def _checkpoint_to_resume(self) -> tuple[Path, dict[str, Any]] | None:
         """``(file, state)`` to resume from, or None to start at step 0. Rank 0 decides (the newest intact
@@ -659,8 +703,8 @@ class Trainer:
         try:
             if self.evaluator is not None and self.step == 0:
                 self._log_eval(logger, self.evaluate())
-            if hasattr(self, "_resume_rng"):
-                set_rng_state(self._resume_rng)  # last: model building and eval above draw random numbers
+            if self._restore_rng is not None:
+                self._restore_rng()  # last: model building and eval above draw random numbers
             data = iter(self.stream)
             meter = Throughput()
             self.model.train()

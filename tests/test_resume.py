@@ -19,7 +19,19 @@ import torch
 from helpers import FAST, compose, interrupt_writes
 
 from gcl.checkpoint import load_checkpoint, load_newest_intact
-from gcl.resume import APPLIED, FROM_STEP, REFUSED, WORLD_SIZE, ResumeRefused, check, classify, diff
+from gcl.resume import (
+    APPLIED,
+    FROM_STEP,
+    REFUSED,
+    WORLD_SIZE,
+    Change,
+    ResumeRefused,
+    check,
+    classify,
+    diff,
+    elastic_seed,
+    per_process_batch,
+)
 
 TRAINED = ["trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_last=3"]
 
@@ -67,7 +79,7 @@ BASE = [*FAST, "data.synthetic.cache_dir=/cache"]
 CASES = {
     "trainer.eval_every=5": APPLIED, "logger.wandb.mode=offline": APPLIED, "export.enabled=true": APPLIED,
     "eval.batch_size=16": APPLIED, "model.grad_checkpointing=true": APPLIED,
-    "data.num_workers=1": APPLIED,  # 0 -> 1 worker: one logical worker either way, the same samples
+    "data.num_workers=2": APPLIED,  # another worker count: the data position is re-partitioned exactly
     "optim.lr=1e-6": FROM_STEP, "optim.lr_text=1e-5": FROM_STEP, "optim.weight_decay=0.01": FROM_STEP,
     "sched.name=constant": FROM_STEP, "trainer.max_steps=50": FROM_STEP,
     "data.batch_size=16": REFUSED, "trainer.seed=3": REFUSED, "data.synthetic.products=200": REFUSED,
@@ -87,8 +99,7 @@ def test_each_change_falls_in_its_class():
     got = {c.key: c.kind for c in diff(saved, now, 1, 1)}
     want = {o.split("=")[0].replace(".0.", "[0]."): kind for o, kind in CASES.items()}
     assert got == want
-    # another worker count reads the samples in another order
-    assert classify("data.num_workers", 1, 2) == REFUSED and classify("data.num_workers", 0, 1) == APPLIED
+    assert classify(WORLD_SIZE, 2, 3) == APPLIED  # elastic resume (gcl.data.elastic)
     assert classify("some_new_group.key", 1, 2) == REFUSED  # unknown keys are refused, never ignored
     # a schedule moved, not turned on or off: the same parameters and groups, new values from the resumed step
     assert classify("model.lock_image_steps", 2, 5) == classify("optim.layer_decay_text", 0.8, 0.6) == FROM_STEP
@@ -100,19 +111,59 @@ def test_refusal_names_every_key_and_the_ways_out(caplog):
 
     saved = OmegaConf.to_container(compose("train", BASE), resolve=True)
     now = OmegaConf.to_container(compose("train", [*BASE, "data.batch_size=16", "optim.lr=1e-6"]), resolve=True)
-    changes = diff(saved, now, 2, 1)
-    assert {c.key: c.kind for c in changes} == {"data.batch_size": REFUSED, "optim.lr": FROM_STEP,
-                                                WORLD_SIZE: REFUSED}
+    changes = diff(saved, now, 2, 2)
+    assert {c.key: c.kind for c in changes} == {"data.batch_size": REFUSED, "optim.lr": FROM_STEP}
     with pytest.raises(ResumeRefused) as e:
         check(changes, policy="refuse", checkpoint=Path("/r/checkpoints/step_000000002.pt"), step=2)
     msg = str(e.value)
-    for part in ("data.batch_size 8 -> 16", "world size 2 -> 1", "relaunch with 2 processes",
-                 "trainer.resume_changes=allow", "model.pretrained=/r/checkpoints/step_000000002.pt"):
+    for part in ("data.batch_size 8 -> 16", "trainer.resume_changes=allow",
+                 "model.pretrained=/r/checkpoints/step_000000002.pt"):
         assert part in msg, part
     assert "optim.lr" not in msg  # it is not refused: it takes effect
     with caplog.at_level("INFO"):
         check(changes, policy="allow", checkpoint=Path("/r/c.pt"), step=2)
     assert "optim.lr 0.0005 -> 1e-06 from step 2" in caplog.text and "data.batch_size 8 -> 16" in caplog.text
+
+
+# -------------------------------------------------------------------------------------- elastic batch
+
+def _batch(changes=(), **kw):
+    args = dict(saved_batch=8, saved_world=2, saved_global=None, batch=8, world=1, mode="keep_global", accum_steps=1)
+    args.update(kw)
+    return per_process_batch(list(changes), **args)
+
+
+def test_elastic_batch_keeps_the_global_batch():
+    assert _batch()[0] == 16 and "data.batch_size 8 -> 16 per process: the global batch 16 stays" in _batch()[2]
+    assert _batch(world=4)[0] == 4
+    assert _batch(world=2) == (8, [], None)  # the same layout: nothing moves
+    # after 2 -> 1 (global 16 kept, data.batch_size=8 still on the command line), back on 2 processes
+    assert _batch(saved_world=1, saved_global=16, world=2)[0] == 8
+    # an explicit per-process batch that keeps the global batch is applied, another one stays refused
+    change = Change("data.batch_size", 8, 16, REFUSED)
+    per, changes, _ = _batch([change], batch=16)
+    assert per == 16 and [c.kind for c in changes] == [APPLIED]
+    assert _batch([change], batch=16, world=2)[1] == [change]
+
+
+def test_elastic_batch_that_does_not_divide_is_refused_naming_the_numbers():
+    with pytest.raises(ResumeRefused) as e:
+        _batch(world=3)
+    msg = str(e.value)
+    for part in ("global batch 16 (2 processes x 8 per process)", "does not divide over 3 processes",
+                 "16 / 3 = 5.333", "(1, 2, 4, 8, 16)", "trainer.elastic_batch=per_process", "8 x 3 = 24"):
+        assert part in msg, part
+    with pytest.raises(ResumeRefused, match="gives 8 per process, which trainer.accum_steps=3 does not divide"):
+        _batch(world=2, saved_world=1, saved_global=16, batch=16, saved_batch=16, accum_steps=3)
+    # the override accepts the new global batch: data.batch_size per process, a change from step N
+    per, changes, line = _batch([Change("data.batch_size", 8, 5, REFUSED)], world=3, batch=5, mode="per_process")
+    assert per == 5 and [(c.key, c.kind) for c in changes] == [("data.batch_size", FROM_STEP)]
+    assert line.startswith("global batch 16 -> 15")
+
+
+def test_elastic_seed_is_fixed_and_distinct_per_rank():
+    seeds = {elastic_seed(0, 4, r, 3) for r in range(3)} | {elastic_seed(0, 4, 0, 2), elastic_seed(0, 6, 0, 3)}
+    assert len(seeds) == 5 and elastic_seed(0, 4, 1, 3) == elastic_seed(0, 4, 1, 3)
 
 
 # -------------------------------------------------------------------------------------- through Trainer
