@@ -125,6 +125,10 @@ class Trainer:
         # each step reads what the ones before it built (the accelerator's device, the loss's fields, splits).
         self.cfg = cfg
         self._build_accelerator(run_dir)
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.trainer.keep_last)
+        self.batch_size = cfg.data.batch_size  # per process; a resume on another number of processes may change it
+        # The checkpoint to continue is chosen and its config diff checked first: a refusal costs no model build.
+        self._resuming = self._plan_resume()
         encoder = self._build_model_and_loss()
         self._build_optimizer(encoder)
         self._build_data()
@@ -132,7 +136,6 @@ class Trainer:
         self._export_preflight()
         self.flops = StepFlops(resolve_peak_tflops(cfg.trainer.peak_tflops, self.accelerator.device, compute_dtype(
             self.accelerator.mixed_precision, cfg.model.precision)))  # counts the first step, then rates
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.trainer.keep_last)
         # rank 0 writes checkpoints, so it mirrors them; the prefix is checked for writing now, not hours later
         self.remote = (RemoteSync(cfg.trainer.remote_sync, self.run_dir)
                        if cfg.trainer.remote_sync and self.is_main else None)
@@ -268,7 +271,6 @@ class Trainer:
         extra = [k.split for k in self.cfg.eval.tasks if k.split] if self._in_loop_eval() else ()
         self.splits = resolve_splits(d, extra=extra)
         self._check_loss_fields()
-        self.batch_size = d.batch_size  # per process; a resume on another number of processes may change it
         self.stream = self._build_stream()
 
     def _build_stream(self) -> Any:
@@ -374,22 +376,21 @@ class Trainer:
             "wandb_id": self.wandb_id,
         }
 
-    def _resume(self) -> None:
-        """Continue from ``trainer.resume`` (auto: this run dir), or start at step 0. The checkpoint's config is
-        diffed against this one (``gcl.resume``: applied, from-step or refused changes) before anything is
-        loaded; optimizer and schedule settings of this config win over the stored ones. Either way, this
-        launch's config joins the run's config history."""
+    def _plan_resume(self) -> tuple[Path, dict[str, Any], list[resume.Change]] | None:
+        """``(file, state, changes)`` to continue from ``trainer.resume`` (auto: this run dir), or None to start
+        at step 0. The checkpoint's config is diffed against this one (``gcl.resume``: applied, from-step or
+        refused changes; a refusal raises here) and the per-process batch is settled (``self.batch_size``:
+        another number of processes keeps the global batch, ``gcl.resume.per_process_batch``)."""
         found = self._checkpoint_to_resume()
         if found is None:
-            self._record_launch()
-            return
+            return None
         path, state = found
         step = state["step"]
         saved = OmegaConf.to_container(OmegaConf.create(state["config"]), resolve=True)
         changes = resume.diff(saved, OmegaConf.to_container(self.cfg, resolve=True), state["world_size"],
                               self.world_size)
         try:
-            batch, changes, moved_batch = resume.per_process_batch(
+            self.batch_size, changes, moved_batch = resume.per_process_batch(
                 changes, saved_batch=saved["data"]["batch_size"], saved_world=state["world_size"],
                 saved_global=state.get("global_batch"), batch=self.cfg.data.batch_size, world=self.world_size,
                 mode=self.cfg.trainer.elastic_batch, accum_steps=self.cfg.trainer.accum_steps)
@@ -400,9 +401,18 @@ class Trainer:
             raise
         if moved_batch:
             log.info("resume at step %d: %s", step, moved_batch)
-        if batch != self.batch_size:
-            self.batch_size = batch
-            self.stream = self._build_stream()
+        return path, state, changes
+
+    def _resume(self) -> None:
+        """Load the planned checkpoint (:meth:`_plan_resume`) into the model, optimizer, scheduler, scaler,
+        counters, data position and RNG; optimizer and schedule settings of this config win over the stored
+        ones. Either way, this launch's config joins the run's config history."""
+        planned, self._resuming = self._resuming, None  # the state is not kept alive for the whole run
+        if planned is None:
+            self._record_launch()
+            return
+        path, state, changes = planned
+        step = state["step"]
         opt_state = state["optimizer"]
         if self.sharded:  # the file holds full tensors (either strategy wrote it): each rank keeps its shard
             load_full_model_state(self.model, state["model"])
