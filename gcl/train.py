@@ -143,6 +143,7 @@ class Trainer:
         self.step_lr: float | None = None  # the lr of the last train_step (param group 0), as logged
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
+        self.samples_seen = 0  # over all processes and launches (the global batch may change on an elastic resume)
         self.best: float | None = None
         self.last_eval: dict[str, float] = {}
         self._window: dict[str, Any] | None = None  # valid rows per term since the last logged step
@@ -369,7 +370,8 @@ class Trainer:
             "world_size": self.world_size,
             "global_batch": self.batch_size * self.world_size,
             "per_rank": per_rank,
-            "counters": {"nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak},
+            "counters": {"nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
+                         "samples_seen": self.samples_seen},
             "best": self.best,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
@@ -432,6 +434,9 @@ class Trainer:
         self.step = step
         self.nonfinite_total = state["counters"]["nonfinite_total"]
         self.nonfinite_streak = state["counters"]["nonfinite_streak"]
+        # checkpoints written before the counter existed trained every step with their global batch
+        self.samples_seen = state["counters"].get("samples_seen", step * (state.get("global_batch") or self.batch_size
+                                                                          * self.world_size))
         if any(c.key in ("trainer.best_metric", "trainer.best_mode") for c in changes):
             log.info("resume: trainer.best_metric/best_mode changed, so the best value so far starts afresh")
         else:
@@ -726,6 +731,7 @@ class Trainer:
                 self.step += 1
                 self._count_rows(out)
                 meter.add(batch["image"].shape[0] * self.world_size)
+                self.samples_seen += batch["image"].shape[0] * self.world_size
                 if self.nonfinite_streak >= t.max_nonfinite:
                     raise FloatingPointError(
                         f"{self.nonfinite_streak} non-finite losses in a row at step {self.step} (limit "
@@ -781,7 +787,7 @@ class Trainer:
         keys = sorted(skipped)
         tot = all_reduce_sum(torch.tensor([float(skipped[k]) for k in keys]))
         row.update({f"skipped/{k}": int(v) for k, v in zip(keys, tot)})
-        row["samples_seen"] = self.step * batch["image"].shape[0] * self.world_size
+        row["samples_seen"] = self.samples_seen
         flops = self.flops.rates(rate / (batch["image"].shape[0] * self.world_size))  # steps/s
         row.update(flops)
         logger.log_metrics(row, self.step)

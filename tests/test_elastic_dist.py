@@ -145,6 +145,7 @@ def test_two_ranks_to_one_and_back_keep_each_epoch_exact(tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rows = {r["step"]: r for r in rows if "loss" in r}
     assert [rows[s]["world_size"] for s in sorted(rows)] == [2] * 3 + [1] * 5 + [2] * 4
+    assert [rows[s]["samples_seen"] for s in sorted(rows)] == [s * 2 * B for s in sorted(rows)]
     lr0 = rows[1]["lr"]
     for s, r in rows.items():  # the schedule continued across both resumes: cosine, no warmup, from its formula
         assert r["lr"] == pytest.approx(lr0 * 0.5 * (1 + math.cos(math.pi * (s - 1) / (2 * STEPS_PER_EPOCH)))), s

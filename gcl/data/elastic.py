@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -88,17 +88,21 @@ class _OldSlot:
     slot: int
     n_slots: int
     pos: dict[str, Any]
+    _plans: dict[tuple[int, int], _Seq] = field(default_factory=dict)
 
     def plan(self, source: int, epoch: int, total: int) -> _Seq:
         """The sample numbers this slot reads from ``epoch`` of ``source``, in reading order."""
-        el = self.pos.get("elastic")
-        if el:
-            src = el["sources"][source]
+        key = (source, epoch)
+        if key not in self._plans:
+            el = self.pos.get("elastic")
+            src = el["sources"][source] if el else {"residual": {}, "from": 0}
             if str(epoch) in src["residual"]:
-                return _Seq(src["residual"][str(epoch)])
-            if epoch < int(src["from"]):
-                return _Seq([])
-        return _Seq([_exact_range(total, epoch, self.slot, self.n_slots)])
+                self._plans[key] = _Seq(src["residual"][str(epoch)])
+            elif epoch < int(src["from"]):
+                self._plans[key] = _Seq([])
+            else:
+                self._plans[key] = _Seq([_exact_range(total, epoch, self.slot, self.n_slots)])
+        return self._plans[key]
 
 
 def _check_states(states: list[dict[str, Any]]) -> tuple[int, int, int]:
@@ -294,7 +298,6 @@ def repartition(states: list[dict[str, Any]], spec: dict[str, Any]) -> tuple[lis
         positions.append(pos)
     if spec["rank"] == 0:
         positions[0]["skipped"] = dict(skipped)  # the totals live in one place, as the stream sums them
-    if spec["rank"] == 0:
         left_n = [sum(b - a for _, runs in src for a, b in runs) for src in left]
         logger.info("data stream re-partitioned from %d rank(s) x %d worker(s) (batch %d per rank) to %d x %d "
                     "(batch %d): %s samples of the interrupted epoch(s) %s left, split over the new slots; "

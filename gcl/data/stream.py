@@ -27,7 +27,9 @@ Without sizes, each slot takes whole shards (every n-th) and epochs are approxim
 Batches are made inside the workers; the DataLoader hands them over round-robin (worker 0, 1, ...),
 so the main process knows which worker made each batch and records that worker's position after it.
 On resume, physical worker ``i`` plays logical worker ``(i + next) % num_workers``, which makes the
-round-robin continue where it stopped.
+round-robin continue where it stopped. On another layout (ranks, workers or per-rank batch), every rank's
+saved positions are re-partitioned over the new slots so the interrupted epoch stays exact
+(``gcl.data.elastic``); the re-partition generation then enters the slot-specific RNG keys (``_rng_key``).
 
 Bad samples never stop the loader: each is skipped, counted by reason (``SKIP_REASONS``) and logged
 with its key (rate-limited). ``batch["skipped"]`` holds the counts since the same worker's previous
@@ -457,7 +459,8 @@ class TrainStream:
     ``state_dict()`` is JSON-able and describes exactly the batches yielded so far; ``load_state_dict``
     (before iterating) makes the stream continue from there, bit-identically for the same configuration.
     Each rank has its own state: save all ranks' states (e.g. ``all_gather_object``) and give each rank
-    its own back; ``load_state_dict`` also accepts the list of all ranks' states and picks ``rank``'s.
+    its own back; ``load_state_dict`` also accepts the list of all ranks' states and picks ``rank``'s, or,
+    when they come from another layout of ranks x workers, re-partitions them exactly (``gcl.data.elastic``).
     """
 
     def __init__(self, spec: dict[str, Any], *, pin_memory: bool = False, prefetch_factor: int = 2) -> None:
