@@ -132,6 +132,20 @@ def test_samples_in_the_shuffle_block_are_not_lost(tmp_path, tok):
     assert head + b.steps(7) == Counter(keys)
 
 
+def test_the_same_repartition_replays_the_same_batches(tmp_path, tok):
+    """The new slots' order and randomness are pure functions of the saved states (a replayed resume matches),
+    and differ from the old layout's slots of the same number (fresh streams, not replays)."""
+    urls, _ = write_layout(tmp_path, SIZES)
+    a = Layout(urls, tok, 2, 2, 6)
+    a.steps(5)
+    st = a.states()
+    x, y = Layout(urls, tok, 3, 1, 4, states=st), Layout(urls, tok, 3, 1, 4, states=st)
+    for _ in range(4):
+        for r in range(3):
+            assert next(x.slots[r, 0])["key"] == next(y.slots[r, 0])["key"]
+    assert all(p["elastic"]["gen"] == 1 for s in x.states() for p in s["workers"])
+
+
 def test_lagging_slots_in_two_epochs(tmp_path, tok):
     """Shares that are not whole batches: at the stop some slots read epoch 1 while others still read
     epoch 0. Both remainders are split; once they are used up every key has been seen twice."""
