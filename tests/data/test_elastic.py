@@ -133,8 +133,7 @@ def test_samples_in_the_shuffle_block_are_not_lost(tmp_path, tok):
 
 
 def test_the_same_repartition_replays_the_same_batches(tmp_path, tok):
-    """The new slots' order and randomness are pure functions of the saved states (a replayed resume matches),
-    and differ from the old layout's slots of the same number (fresh streams, not replays)."""
+    """The new slots' order and randomness are pure functions of the saved states: a replayed resume matches."""
     urls, _ = write_layout(tmp_path, SIZES)
     a = Layout(urls, tok, 2, 2, 6)
     a.steps(5)
