@@ -434,9 +434,8 @@ class Trainer:
         self.step = step
         self.nonfinite_total = state["counters"]["nonfinite_total"]
         self.nonfinite_streak = state["counters"]["nonfinite_streak"]
-        # checkpoints written before the counter existed trained every step with their global batch
-        self.samples_seen = state["counters"].get("samples_seen", step * (state.get("global_batch") or self.batch_size
-                                                                          * self.world_size))
+        # a checkpoint written before the counter existed: every step had the global batch its resume keeps
+        self.samples_seen = state["counters"].get("samples_seen", step * self.batch_size * self.world_size)
         if any(c.key in ("trainer.best_metric", "trainer.best_mode") for c in changes):
             log.info("resume: trainer.best_metric/best_mode changed, so the best value so far starts afresh")
         else:
@@ -487,17 +486,18 @@ class Trainer:
 
         per_rank = state["per_rank"]
         elastic = len(per_rank) != self.world_size
-        policy = self.cfg.trainer.resume_changes
         try:
-            # strict: a layout that cannot be re-partitioned exactly is refused, not restarted (unless allowed)
-            self.stream.load_state_dict([p["data"] for p in per_rank], strict=elastic and policy != "allow")
+            # strict: a position that cannot continue exactly (shard sizes unknown for a re-partition, shards
+            # rewritten) is refused; trainer.resume_changes=allow restarts the epoch instead, with a warning
+            self.stream.load_state_dict([p["data"] for p in per_rank],
+                                        strict=self.cfg.trainer.resume_changes != "allow")
         except (ElasticError, ValueError) as e:
             if self.is_main:
                 resume.restore_config(self.run_dir, state["step"], state["config"])
             raise resume.ResumeRefused(
                 f"trainer.resume: {path} (step {state['step']}) cannot continue its data position exactly on "
-                f"{self.world_size} process(es): {e}; or add trainer.resume_changes=allow to restart the "
-                "interrupted epoch") from e
+                f"{self.world_size} process(es) x {max(1, self.cfg.data.num_workers)} DataLoader worker(s): {e}; "
+                "or add trainer.resume_changes=allow to restart the interrupted epoch") from e
         if not elastic:
             saved_rng = per_rank[self.rank]["rng"]
             self._restore_rng = lambda: set_rng_state(saved_rng)
