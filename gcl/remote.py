@@ -75,7 +75,8 @@ class RemoteSync:
                             self.url, err)
 
     def _upload_checkpoint(self, name: str, pointer: str, pointer_text: str) -> None:
-        """Step file (or best.pt), then its pointer, then the small run files; prune what the run pruned."""
+        """Step file (or best.pt) and its manifest, then the small run files, then its pointer last (a pointer
+        on the mirror means everything it needs is there); prune what the run pruned."""
         local_dir = self.run_dir / CKPT_DIR
         path = local_dir / name
         if not path.exists():  # pruned locally before its turn came: a newer checkpoint supersedes it
@@ -84,11 +85,11 @@ class RemoteSync:
         manifest = local_dir / (name + MANIFEST_SUFFIX)  # size + SHA-256: a download is verified like a local file
         if manifest.is_file():
             storage.put_file(manifest, storage.join(self.url, CKPT_DIR, manifest.name))
-        storage.write_text(storage.join(self.url, CKPT_DIR, pointer), pointer_text)
         for rel in RUN_FILES:
             p = self.run_dir / rel
             if p.is_file():
                 storage.put_file(p, storage.join(self.url, rel))
+        storage.write_text(storage.join(self.url, CKPT_DIR, pointer), pointer_text)
         if pointer == LATEST:
             self._mirrored = name
             keep = {p.name for p in local_dir.glob("step_*.pt")} | {name}
