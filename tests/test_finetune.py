@@ -207,3 +207,23 @@ def test_soup_refuses_trials_of_different_bases(sweep, caplog):
     assert str(sweep.trials[1]) not in caplog.text.split("differ from")[1]  # only the odd one is named
     assert soup.main([str(sweep.trials[0])]) == 1
     assert "at least 2 trials" in caplog.text
+
+
+def test_batchnorm_counters_merge_and_other_integers_must_agree():
+    """A ResNet tower (the shipped base's) carries BatchNorm's integer num_batches_tracked, which any fine-tune
+    changes: WiSE-FT and soups take the largest count and interpolate the float buffers; any other integer
+    tensor that differs is refused by name."""
+    bn = torch.nn.BatchNorm2d(3)
+    base = {f"visual.bn1.{k}": v.clone() for k, v in bn.state_dict().items()}
+    bn.train()
+    for _ in range(5):
+        bn(torch.randn(4, 3, 2, 2))
+    ft = {f"visual.bn1.{k}": v.clone() for k, v in bn.state_dict().items()}
+    mixed = wise.interpolate(base, ft, 0.25)
+    assert mixed["visual.bn1.num_batches_tracked"].item() == 5
+    want = 0.75 * base["visual.bn1.running_mean"].double() + 0.25 * ft["visual.bn1.running_mean"].double()
+    torch.testing.assert_close(mixed["visual.bn1.running_mean"], want.float())
+    assert soup.average([base, ft])["visual.bn1.num_batches_tracked"].item() == 5
+    other = {**ft, "positional_ids": torch.tensor([1, 2])}
+    with pytest.raises(wise.FinetuneError, match="positional_ids"):
+        wise.interpolate({**base, "positional_ids": torch.tensor([1, 3])}, other, 0.5)

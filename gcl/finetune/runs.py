@@ -135,5 +135,17 @@ def check_same_base(runs: list[Run], what: str) -> None:
     check_same_keys({str(r.run_dir): r.src.state_dict for r in runs})
 
 
+def merge_other(key: str, values: list[Tensor], what: str) -> Tensor:
+    """A non-floating-point entry of weights being interpolated or averaged. BatchNorm's ``num_batches_tracked``
+    (ResNet towers, e.g. the shipped base's) counts the batches each model saw, so it differs after any
+    fine-tune: the merged model takes the largest count (it only matters with ``momentum=None``). Any other
+    integer tensor must be equal in all of them."""
+    if key.endswith("num_batches_tracked"):
+        return torch.stack(values).max(dim=0).values
+    if any(not torch.equal(v, values[0]) for v in values[1:]):
+        raise FinetuneError(f"{key} (not floating point) differs between {what}")
+    return values[0]
+
+
 def float_keys(state_dict: dict[str, Tensor]) -> list[str]:
     return [k for k, v in state_dict.items() if torch.is_floating_point(v)]

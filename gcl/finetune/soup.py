@@ -38,7 +38,15 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from gcl.finetune.runs import FinetuneError, Run, base_state_dict, check_same_base, has_base, load_run
+from gcl.finetune.runs import (
+    FinetuneError,
+    Run,
+    base_state_dict,
+    check_same_base,
+    has_base,
+    load_run,
+    merge_other,
+)
 from gcl.finetune.select import Rule, Scorer, select_defaults, selection_overrides, selection_suites
 
 log = logging.getLogger(__name__)
@@ -67,7 +75,8 @@ def find_trials(paths: list[str | os.PathLike]) -> tuple[list[Path], list[Path]]
 
 
 def average(state_dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """The element-wise mean of floating-point tensors (in float64, cast back); other tensors must agree."""
+    """The element-wise mean of floating-point tensors (in float64, cast back); other tensors:
+    :func:`gcl.finetune.runs.merge_other`."""
     first = state_dicts[0]
     out = {}
     for k, v in first.items():
@@ -77,9 +86,7 @@ def average(state_dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
                 acc += sd[k].double()
             out[k] = (acc / len(state_dicts)).to(v.dtype)
         else:
-            if any(not torch.equal(sd[k], v) for sd in state_dicts[1:]):
-                raise FinetuneError(f"{k} (not floating point) differs between the trials")
-            out[k] = v
+            out[k] = merge_other(k, [sd[k] for sd in state_dicts], "the trials")
     return out
 
 

@@ -39,7 +39,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from gcl.finetune.runs import FinetuneError, Run, base_state_dict, load_run
+from gcl.finetune.runs import FinetuneError, Run, base_state_dict, load_run, merge_other
 from gcl.finetune.select import (
     Rule,
     Scorer,
@@ -64,7 +64,7 @@ def tower_of(key: str) -> str:
 def interpolate(base: dict[str, Tensor], ft: dict[str, Tensor], alpha_image: float,
                 alpha_text: float | None = None) -> dict[str, Tensor]:
     """``(1 - a) * base + a * ft`` per floating-point tensor (in float64, cast back), ``a`` = the tensor's
-    tower alpha (scale tensors: the mean). Other tensors must be equal and are taken as they are."""
+    tower alpha (scale tensors: the mean). Other tensors: :func:`gcl.finetune.runs.merge_other`."""
     alpha_text = alpha_image if alpha_text is None else alpha_text
     alphas = {"image": alpha_image, "text": alpha_text, "scale": (alpha_image + alpha_text) / 2}
     out = {}
@@ -74,9 +74,7 @@ def interpolate(base: dict[str, Tensor], ft: dict[str, Tensor], alpha_image: flo
             a = alphas[tower_of(k)]
             out[k] = ((1 - a) * b.double() + a * f.double()).to(f.dtype)
         else:
-            if not torch.equal(b, f):
-                raise FinetuneError(f"{k} (not floating point) differs between the base and the fine-tuned model")
-            out[k] = f
+            out[k] = merge_other(k, [b, f], "the base and the fine-tuned model")
     return out
 
 
