@@ -159,7 +159,9 @@ class Scorer:
                                  "checkpoint": str(run.src.checkpoint_file), "precision": "fp32"})
         self.bundle = load_model_for_eval(node, device=self.device, work_dir=out_dir)
         self.data = run.config.data
-        self.splits = resolve_splits(self.data) if any(t.split for s in suites for t in s.tasks) else None
+        wanted = [t.split for s in suites for t in s.tasks if t.split]
+        # prefixed splits (world/val: the retention suite's, moved from world/test) are built like the trainer's
+        self.splits = resolve_splits(self.data, extra=wanted) if wanted else None
         self.suites, self.out_dir = suites, out_dir
         self.evaluations = 0
 
