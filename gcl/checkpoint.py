@@ -6,7 +6,7 @@ Layout inside a run dir::
     checkpoints/step_000000100.pt.json   its manifest: {"file", "step", "size", "sha256"}
     checkpoints/latest.json              {"file": "step_000000100.pt", "step": 100}: the newest complete one
     checkpoints/best.pt (+ best.pt.json) + best.json   the best one by the configured eval metric
-    checkpoints/step_000000100.dcp/      trainer.fsdp_checkpoint=sharded only: the model and optimizer tensors,
+    checkpoints/step_000000100.dcp/      trainer.fsdp_checkpoint=sharded only: the model, optimizer and EMA tensors,
                                          written by every rank with torch.distributed.checkpoint (DCP)
 
 A sharded checkpoint's ``.pt`` holds everything but those tensors (``model`` is None) plus ``sharded``: the
@@ -267,10 +267,15 @@ def sharded_dir(file: Path) -> Path:
 
 
 def _split_tensors(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(flat tensors, rest)`` of the model and optimizer entries: tensors under flat keys ``model/<name>`` and
-    ``optimizer/<param index>/<name>`` (DCP keeps flat keys as they are); ``rest`` is the state with those
-    tensors taken out (``model`` None, optimizer state entries without their tensors)."""
+    """``(flat tensors, rest)`` of the model, optimizer and EMA entries: tensors under flat keys
+    ``model/<name>``, ``optimizer/<param index>/<name>`` and ``ema/<name>`` (DCP keeps flat keys as they are);
+    ``rest`` is the state with those tensors taken out (``model`` None, optimizer state entries without their
+    tensors, the EMA's ``shadow`` None with its names in order in ``shadow_names``)."""
     flat: dict[str, Any] = {f"model/{k}": v for k, v in state["model"].items()}
+    ema = state.get("ema")
+    if ema:
+        flat.update({f"ema/{k}": v for k, v in ema["shadow"].items()})
+        state = {**state, "ema": {**ema, "shadow": None, "shadow_names": list(ema["shadow"])}}
     opt = state["optimizer"]
     kept_state = {}
     for idx, entry in opt["state"].items():
@@ -346,15 +351,26 @@ def _read_sharded(file: Path, state: dict[str, Any], verify: bool) -> dict[str, 
         raise CheckpointError(f"checkpoint {file}: its sharded tensors in {d} cannot be read "
                               f"({type(e).__name__}: {str(e)[:200]})") from e
     model: dict[str, Any] = {}
+    ema: dict[str, Any] = {}
     opt_state = {idx: dict(entry) for idx, entry in state["optimizer"]["state"].items()}
     for key, t in flat.items():
         kind, _, rest = key.partition("/")
         if kind == "model":
             model[rest] = t
+        elif kind == "ema":
+            ema[rest] = t
         elif kind == "optimizer":
             idx, _, name = rest.partition("/")
             opt_state.setdefault(int(idx), {})[name] = t
-    return {**state, "model": model, "optimizer": {**state["optimizer"], "state": opt_state}}
+    out = {**state, "model": model, "optimizer": {**state["optimizer"], "state": opt_state}}
+    if state.get("ema"):  # the average's entries in their saved order (EMA.load_state_dict checks it)
+        e = dict(state["ema"])
+        names = e.pop("shadow_names")
+        missing = [n for n in names if n not in ema]
+        if missing:
+            raise CheckpointError(f"checkpoint {file}: its sharded tensors in {d} lack EMA entries {missing[:3]}")
+        out["ema"] = {**e, "shadow": {n: ema[n] for n in names}}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ finding

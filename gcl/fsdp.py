@@ -10,7 +10,7 @@ Lives here:
   gradient reduction; the root's parameters stay fp32). 0-dim parameters (``logit_scale``, ``logit_bias``)
   cannot be sharded (FSDP2 shards dim 0): they stay plain, replicated tensors whose gradients
   :func:`average_replicated_grads` averages over ranks, as DDP's reducer does.
-- :func:`full_state` / :func:`load_full_model_state` / :func:`shard_optimizer_state`: the checkpoint's
+- :func:`full_state` / :func:`load_full_model_state` / :func:`shard_state` / :func:`shard_optimizer_state`: the checkpoint's
   plain, full tensors (the same file format as DDP's, so either strategy resumes the other's checkpoints)
   gathered from and scattered back to the shards.
 - :func:`clip_grad_norm_`: the global gradient norm over shards and replicated parameters.
@@ -156,10 +156,15 @@ def _shard_like(full: Tensor, like: Any) -> Any:
                              src_data_rank=None)
 
 
+def shard_state(full: dict[str, Tensor], like: dict[str, Any]) -> dict[str, Any]:
+    """A full (plain-tensor) state dict cut into the shards ``like``'s entries of the same name hold; entries
+    ``like`` lacks, or holds plain, stay as they are."""
+    return {k: _shard_like(v, like[k]) if k in like else v for k, v in full.items()}
+
+
 def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Load a full (plain-tensor) state dict into a sharded model: each rank keeps its shard."""
-    current = model.state_dict()
-    model.load_state_dict({k: _shard_like(v, current[k]) if k in current else v for k, v in state.items()})
+    model.load_state_dict(shard_state(state, model.state_dict()))
 
 
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:

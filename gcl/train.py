@@ -244,6 +244,8 @@ class Trainer:
         if self.sharded:
             self.replicated = shard(forward, model, device=acc.device, world_size=self.world_size,
                                     mixed_precision=acc.mixed_precision)
+            if self.unlock is not None:  # sharding replaced the parameters the schedule toggles
+                self.unlock.rebind(model)
         # the optimizer holds the parameters of scheduled unlocks from the start (gcl.model.towers.UnlockSchedule)
         with self.unlock.all_unlocked() if self.unlock is not None else contextlib.nullcontext():
             optimizer = build_optimizer(
@@ -357,8 +359,10 @@ class Trainer:
         scaler = getattr(acc, "scaler", None)
         model_state = acc.unwrap_model(self.forward_module).model.state_dict()
         opt_state = self.optimizer.state_dict()
+        ema_state = self.ema.state_dict() if self.ema is not None else None
         if self.sharded and self.cfg.trainer.fsdp_checkpoint == "full":
             model_state, opt_state = full_state(model_state, self.is_main), full_state(opt_state, self.is_main)
+            ema_state = full_state(ema_state, self.is_main)
         return {
             "model": model_state,
             "model_info": {"name": b.name, "pretrained": b.pretrained, "config_path": self.cfg.model.config_path,
@@ -373,7 +377,7 @@ class Trainer:
             "counters": {"nonfinite_total": self.nonfinite_total, "nonfinite_streak": self.nonfinite_streak,
                          "samples_seen": self.samples_seen},
             "best": self.best,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": ema_state,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             "wandb_id": self.wandb_id,
         }
@@ -451,6 +455,10 @@ class Trainer:
         if self.ema is None:
             return
         if saved:
+            if self.sharded:  # full tensors in the file: each rank keeps its shard of the average
+                from gcl.fsdp import shard_state
+
+                saved = {**saved, "shadow": shard_state(saved["shadow"], dict(zip(self.ema.names, self.ema.shadow)))}
             self.ema.load_state_dict(saved)
         else:
             from gcl.finetune.ema import build_ema
@@ -469,7 +477,9 @@ class Trainer:
                      "trains" if trainable else f"is locked (a later model.lock_{tower}_steps)")
         self.flops.flops_per_step = None  # a step now also runs that tower's backward: counted again (every rank)
         acc = self.accelerator
-        if self.world_size > 1:
+        # FSDP2 needs nothing rebuilt: each unit reads requires_grad from its sharded parameters at every
+        # all-gather and reduce-scatters the gradients that exist
+        if self.world_size > 1 and not self.sharded:
             old, plain = self.forward_module, acc.unwrap_model(self.forward_module)
             acc._models = [x for x in acc._models if x is not old]  # drop the old DDP (its hooks go with it)
             del old
@@ -669,19 +679,21 @@ class Trainer:
         was_training = model.training
         model.eval()
         encoder: Callable[..., dict[str, Tensor]] = model.encoder
-        held = contextlib.nullcontext()
         if self.sharded:  # full weights on every rank for the whole evaluation, run through FSDP2's root
-            encoder, held = (lambda batch, fields: model(batch, fields)[0]), unsharded(model)
+            encoder = lambda batch, fields: model(batch, fields)[0]  # noqa: E731
+
+        def run(out_dir: Path) -> dict[str, float]:
+            # fsdp: gathered inside, so the EMA's average (copied into the shards) is what gets gathered
+            with unsharded(model) if self.sharded else contextlib.nullcontext():
+                return self.evaluator(encoder, self.bundle, step=self.step, out_dir=out_dir, rank=self.rank,
+                                      world_size=self.world_size, device=self.accelerator.device)
+
         try:
-            with held:
-                metrics = self.evaluator(encoder, self.bundle, step=self.step, out_dir=self.run_dir / "eval",
-                                         rank=self.rank, world_size=self.world_size, device=self.accelerator.device)
-                if self.ema is not None and self.cfg.optim.ema.eval:
-                    with self.ema.applied():
-                        ema = self.evaluator(encoder, self.bundle, step=self.step,
-                                             out_dir=self.run_dir / "eval" / "ema", rank=self.rank,
-                                             world_size=self.world_size, device=self.accelerator.device)
-                    metrics.update({f"ema/{k}": v for k, v in ema.items()})
+            metrics = run(self.run_dir / "eval")
+            if self.ema is not None and self.cfg.optim.ema.eval:
+                with self.ema.applied():
+                    ema = run(self.run_dir / "eval" / "ema")
+                metrics.update({f"ema/{k}": v for k, v in ema.items()})
         finally:
             model.train(was_training)
         self.last_eval = metrics

@@ -1,6 +1,10 @@
 """Helpers shared by tests (importable: pytest's pythonpath includes tests/)."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +75,33 @@ def interrupt_writes(monkeypatch, after_bytes: int, times: int) -> None:
 
     real_init = checkpoint._HashingWriter.__init__
     monkeypatch.setattr(checkpoint._HashingWriter, "__init__", lambda self, f: real_init(self, File(f)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script: str, args: list[str], world: int = 2, timeout: int = 400) -> None:
+    """Run ``script RANK *args`` on ``world`` gloo processes (RANK/WORLD_SIZE env, as torchrun sets them) and
+    fail with their logs when one exits non-zero or they time out (a rank waiting in a collective)."""
+    import pytest
+
+    port = free_port()
+    procs = []
+    for r in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+               "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+        procs.append(subprocess.Popen([sys.executable, script, str(r), *args], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("distributed workers timed out (a rank waiting in a collective the other never joined)")
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-4000:] for log in logs)

@@ -62,10 +62,6 @@ def test_wrong_type_names_the_key():
     (["trainer.fsdp_checkpoint=sharded"], "trainer.fsdp_checkpoint"),  # ddp saves full checkpoints
     (["trainer.strategy=fsdp", "trainer.mixed_precision=fp16"], "trainer.mixed_precision"),
     (["trainer.strategy=fsdp", "model.compile=model"], "model.compile"),
-    (["trainer.strategy=fsdp", "model.lora.text.rank=4"], "model.lora.text.rank"),
-    (["trainer.strategy=fsdp", "model.lock_image=true", "model.lock_image_steps=5"], "model.lock_image_steps"),
-    (["trainer.strategy=fsdp", "optim.layer_decay_image=0.8"], "optim.layer_decay_image"),
-    (["trainer.strategy=fsdp", "optim.ema.decay=0.99"], "optim.ema.decay"),
     (["trainer.strategy=fsdp", "model.precision=bf16"], "model.precision"),
     (["trainer.strategy=fsdp", "trainer.fsdp_checkpoint=sharded", "trainer.remote_sync=s3://b/run"],
      "trainer.fsdp_checkpoint"),

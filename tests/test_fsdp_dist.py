@@ -12,15 +12,12 @@ the metrics match; a training step after that evaluation still runs.
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, ROOT, compose
+from helpers import FAST, compose, run_ranks
 
 WORLD, B, K = 2, 6, 2
 CASES = {
@@ -89,33 +86,6 @@ def worker(rank: int, out_dir: Path, cache: str) -> None:
     results["eval/fsdp-bf16"] = bf16.evaluate()  # bf16 blocks feed fp32 layers without autocast here
     torch.save(results, out_dir / f"rank{rank}.pt")
     fsdp.accelerator.wait_for_everyone()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(script: str, args: list[str], timeout: int = 400) -> None:
-    """Run ``script`` on WORLD gloo ranks (RANK/WORLD_SIZE env, as torchrun sets them); fail with the logs."""
-    port = _free_port()
-    procs = []
-    for r in range(WORLD):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD),
-               "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-        procs.append(subprocess.Popen([sys.executable, script, str(r), *args], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers timed out (a rank waiting in a collective the other never joined)")
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-4000:] for log in logs)
 
 
 @pytest.mark.dist

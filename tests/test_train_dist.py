@@ -9,15 +9,12 @@ ranks) and the updated weights with a single process stepping once on the concat
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, ROOT, compose
+from helpers import FAST, compose, run_ranks
 
 WORLD, B = 2, 6  # per-rank batch; rank 0 holds the only queries, in its first micro-batch (rows 0..2)
 PRESENT = 3
@@ -71,12 +68,6 @@ def worker(rank: int, out_dir: Path, cache: str) -> None:
     t.accelerator.wait_for_everyone()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.timeout(300)
@@ -95,23 +86,7 @@ def test_rank_without_text_rows_matches_one_process(tmp_path, catalog_cache):
                     if n.startswith(("token_embedding", "text.", "transformer.")))
         assert moved > 1e-5, f"{kind}: the text tower did not move ({moved:.1e})"
 
-    port = _free_port()
-    procs = []
-    for r in range(WORLD):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(WORLD), "LOCAL_WORLD_SIZE": str(WORLD),
-               "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(r), str(tmp_path), str(catalog_cache)], env=env,
-                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("distributed workers timed out (a rank waiting in a collective the other never joined)")
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    run_ranks(__file__, [str(tmp_path), str(catalog_cache)], world=WORLD, timeout=240)
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for kind in KINDS:

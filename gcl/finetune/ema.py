@@ -80,13 +80,18 @@ class EMA:
     def applied(self) -> Iterator[None]:
         """The model holds the averaged weights for the duration; its own weights come back afterwards."""
         saved = [v.clone() for v in self._live]
-        with torch.no_grad():
-            torch._foreach_copy_(self._live, self.shadow)
+        _copy(self._live, self.shadow)
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_(self._live, saved)
+            _copy(self._live, saved)
+
+
+@torch.no_grad()
+def _copy(dst: list[Tensor], src: list[Tensor]) -> None:
+    # one copy_ per tensor: FSDP2's sharded parameters (DTensors) have no _foreach_copy_
+    for d, s in zip(dst, src):
+        d.copy_(s)
 
 
 def build_ema(model: nn.Module, decay: float | None, warmup_steps: int) -> EMA | None:

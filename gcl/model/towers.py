@@ -128,6 +128,15 @@ class UnlockSchedule:
                 changed[tower] = trainable
         return changed
 
+    def rebind(self, model: nn.Module) -> None:
+        """Point the entries at ``model``'s current parameters of the same names: FSDP2's ``fully_shard``
+        replaces every parameter it shards, so a schedule built before sharding would toggle stale tensors."""
+        current = dict(model.named_parameters())
+        missing = [n for _, n, _, _ in self.entries if n not in current]
+        if missing:
+            raise KeyError(f"unlock schedule: parameters {missing[:3]} are no longer in the model")
+        self.entries = [(tower, n, current[n], at) for tower, n, _, at in self.entries]
+
     @contextlib.contextmanager
     def all_unlocked(self) -> Iterator[None]:
         """Every scheduled parameter trainable for the duration (to build the optimizer over all of them)."""
