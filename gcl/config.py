@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A config value or combination that cannot work; the message names the key and the fix."""
 
 
+class MissingPathError(ConfigError, FileNotFoundError):
+    """A setting names a file or folder that does not exist (a ConfigError that is also a FileNotFoundError)."""
+
+
 @dataclass
 class LoRATowerConfig:
     rank: int = 0  # 0 = no adapters: the tower trains (or is locked) as configured

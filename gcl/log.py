@@ -162,6 +162,25 @@ def report_failure(exn: BaseException, *, rank: int, shared_log: Path | None = N
     _to_files(logging.ERROR, f"traceback of the failure on rank {rank}:", exn)
 
 
+def exit_on_user_error(exn: BaseException, plain: tuple[type[BaseException], ...], rank: int = 0) -> None:
+    """For an entry point's ``except``: a user's mistake (``plain``: a config error, a refused resume, a
+    missing path) whose message says everything ends the process with that message on stderr (rank 0) and
+    exit status 2, no traceback. Anything else returns (the caller re-raises). A Hydra sweep keeps Hydra's
+    handling: one bad trial must not end the others."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not isinstance(exn, plain):
+        return
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return
+    if rank == 0:
+        import sys
+
+        sys.stderr.write(f"error: {exn}\n")
+    raise SystemExit(2) from None
+
+
 def _to_files(level: int, msg: str, exn: BaseException | None) -> None:
     """One record for the root logger's file handlers only (the console already has the short line)."""
     rec = logging.LogRecord(__name__, level, __file__, 0, msg, None,

@@ -53,7 +53,7 @@ from gcl.fsdp import (
     unsharded,
 )
 from gcl.launch import INTERRUPTED_EXIT, StopSignal, slurm_to_torch_env
-from gcl.log import RunLogger, Throughput, console_logging, cut_metrics, report_failure
+from gcl.log import RunLogger, Throughput, console_logging, cut_metrics, exit_on_user_error, report_failure
 from gcl.remote import RemoteSync, fetch_for_resume
 
 log = logging.getLogger(__name__)
@@ -588,6 +588,49 @@ class Trainer:
     def _meta(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: batch[k] for k in META_KEYS if k in batch}
 
+    def _gradcache_backward(self, batch: dict[str, Any], k: int) -> dict[str, Tensor]:
+        """The backward pass of one batch in ``k`` micro-batches (GradCache, see :meth:`train_step`); returns the
+        loss terms of the whole batch."""
+        acc, fwd = self.accelerator, self.forward_module
+        n = batch["image"].shape[0]
+        bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+        micro = [slice_batch(batch, slice(a, b)) for a, b in bounds]
+        plain = acc.unwrap_model(fwd)
+        rngs, cached = [], []
+        with torch.no_grad():
+            for mb in micro:
+                rngs.append(_RngReplay(acc.device))
+                with acc.autocast():
+                    f, scale, bias = plain(mb)
+                cached.append(f)
+        leaves = {name: torch.cat([c[name] for c in cached]).detach().requires_grad_() for name in cached[0]}
+        scale_leaf = scale.detach().requires_grad_()
+        bias_leaf = bias.detach().requires_grad_() if bias is not None else None
+        with acc.autocast():
+            out = self.loss_fn(leaves, self._meta(batch), scale_leaf, bias_leaf)
+        acc.backward(out["loss"])
+        for i, (mb, (a, b)) in enumerate(zip(micro, bounds)):
+            last = i == k - 1
+            # fsdp reduce-scatters every micro-batch's gradients into the shards: skipping that would keep
+            # full unsharded gradients on every rank until the last one, the memory FSDP is there to save
+            sync = contextlib.nullcontext() if last or self.sharded else acc.no_sync(fwd)
+            with sync, rngs[i].replay():
+                with acc.autocast():
+                    f, s, bb = fwd(mb)
+                outs, grads = [], []
+                for name, t in f.items():
+                    g = leaves[name].grad
+                    if t.requires_grad and g is not None:
+                        outs.append(t)
+                        grads.append(g[a:b])
+                if last:  # logit scale/bias gradients enter once, through DDP's forward
+                    for t, leaf in ((s, scale_leaf), (bb, bias_leaf)):
+                        if t is not None and leaf is not None and leaf.grad is not None:
+                            outs.append(t)
+                            grads.append(leaf.grad)
+                torch.autograd.backward(outs, grads)
+        return out
+
     def train_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Forward, loss, backward and optimizer step on one (per-rank) batch; returns detached metrics.
 
@@ -606,43 +649,7 @@ class Trainer:
                 out = self.loss_fn(feats, self._meta(batch), scale, bias)
             acc.backward(out["loss"])
         else:
-            n = batch["image"].shape[0]
-            bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
-            micro = [slice_batch(batch, slice(a, b)) for a, b in bounds]
-            plain = acc.unwrap_model(fwd)
-            rngs, cached = [], []
-            with torch.no_grad():
-                for mb in micro:
-                    rngs.append(_RngReplay(acc.device))
-                    with acc.autocast():
-                        f, scale, bias = plain(mb)
-                    cached.append(f)
-            leaves = {name: torch.cat([c[name] for c in cached]).detach().requires_grad_() for name in cached[0]}
-            scale_leaf = scale.detach().requires_grad_()
-            bias_leaf = bias.detach().requires_grad_() if bias is not None else None
-            with acc.autocast():
-                out = self.loss_fn(leaves, self._meta(batch), scale_leaf, bias_leaf)
-            acc.backward(out["loss"])
-            for i, (mb, (a, b)) in enumerate(zip(micro, bounds)):
-                last = i == k - 1
-                # fsdp reduce-scatters every micro-batch's gradients into the shards: skipping that would keep
-                # full unsharded gradients on every rank until the last one, the memory FSDP is there to save
-                sync = contextlib.nullcontext() if last or self.sharded else acc.no_sync(fwd)
-                with sync, rngs[i].replay():
-                    with acc.autocast():
-                        f, s, bb = fwd(mb)
-                    outs, grads = [], []
-                    for name, t in f.items():
-                        g = leaves[name].grad
-                        if t.requires_grad and g is not None:
-                            outs.append(t)
-                            grads.append(g[a:b])
-                    if last:  # logit scale/bias gradients enter once, through DDP's forward
-                        for t, leaf in ((s, scale_leaf), (bb, bias_leaf)):
-                            if t is not None and leaf is not None and leaf.grad is not None:
-                                outs.append(t)
-                                grads.append(leaf.grad)
-                    torch.autograd.backward(outs, grads)
+            out = self._gradcache_backward(batch, k)
 
         if self.sharded:  # DDP's reducer averages these too; FSDP2 leaves the unsharded scalars to us
             average_replicated_grads(self.replicated, self.world_size)
@@ -894,7 +901,6 @@ def run(cfg: DictConfig) -> float | None:
     the run's ``train.log`` (traceback on rank 0, one line on every rank) before it propagates; a user's
     mistake (config error, refused resume, eval config) then ends with its message and ``SystemExit(2)``."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     trainer = None
@@ -909,12 +915,7 @@ def run(cfg: DictConfig) -> float | None:
         plain = (gcl_config.ConfigError, resume.ResumeRefused, EvalConfigError)
         rank = trainer.rank if trainer else int(os.environ.get("RANK", "0"))
         report_failure(exn, rank=rank, shared_log=trainer.run_dir / "train.log" if trainer else None, plain=plain)
-        if isinstance(exn, plain) and HydraConfig.get().mode != RunMode.MULTIRUN:
-            # a user's mistake whose message says everything: the message and exit status 2, no traceback
-            # (a sweep keeps Hydra's handling: one bad trial must not end the others)
-            if rank == 0:
-                sys.stderr.write(f"error: {exn}\n")
-            raise SystemExit(2) from None
+        exit_on_user_error(exn, plain, rank)
         raise
     if trainer.interrupted:
         log.warning("stopped by %s after saving the checkpoint of step %d: exit code %d (not finished); "

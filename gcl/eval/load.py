@@ -34,8 +34,10 @@ def load_model_for_eval(model_cfg: Any, *, device: torch.device | str = "cpu", w
                            text_packing=model_cfg.text_packing, **speed)
     p = Path(os.path.expanduser(str(ck)))
     if not p.exists():
-        raise FileNotFoundError(f"model.checkpoint={ck!r} does not exist; pass a run dir (with checkpoints/), a "
-                                "checkpoint file, or an exported open_clip folder")
+        from gcl.config import MissingPathError
+
+        raise MissingPathError(f"model.checkpoint={ck!r} does not exist; pass a run dir (with checkpoints/), a "
+                               "checkpoint file, or an exported open_clip folder")
     if p.is_dir() and (p / "open_clip_config.json").is_file():
         return build_model(f"local-dir:{p}", None, precision=model_cfg.precision, device=device,
                            cache_dir=model_cfg.cache_dir, text_packing=model_cfg.text_packing, **speed)

@@ -504,7 +504,21 @@ def evaluate_model(model: Any, cfg: Any, *, bundle: Any = None, splits: Mapping[
 
 
 def run(cfg: Any) -> dict[str, float]:
-    """``python evaluate.py``: build the model, the splits and the suite from ``cfg``; evaluate; write files."""
+    """``python evaluate.py``: build the model, the splits and the suite from ``cfg``; evaluate; write files. A
+    user's mistake (a bad suite, a missing or foreign checkpoint) ends with its message and exit status 2."""
+    from gcl.checkpoint import CheckpointError
+    from gcl.config import ConfigError
+    from gcl.export import ExportError
+    from gcl.log import exit_on_user_error
+
+    try:
+        return _run(cfg)
+    except Exception as exn:
+        exit_on_user_error(exn, (ConfigError, T.EvalConfigError, ExportError, CheckpointError))
+        raise
+
+
+def _run(cfg: Any) -> dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
 
     try:

@@ -289,6 +289,13 @@ def test_evaluate_cli_on_a_checkpoint(tmp_path, bundle):
     metrics = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
     assert "synthetic/text2image_title/recall@1" in metrics
     assert "step_000005.pt" in (tmp_path / "out" / "eval" / "results.md").read_text()
+    # a user's mistakes end with one line and exit status 2, as train.py's do: no traceback
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for ref, msg in ((tmp_path / "nope", "model.checkpoint="), (tmp_path / "junk.pt", "cannot be read")):
+        bad = [c if not c.startswith("model.checkpoint=") else f"model.checkpoint={ref}" for c in cmd]
+        r = subprocess.run(bad, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "error: " in r.stderr and msg in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
 
 
 # ------------------------------------------------------------------------------------------- distributed
