@@ -175,7 +175,11 @@ def test_dockerfile_base_user_and_layout():
     assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda12\.\d+-cudnn9-runtime", lay["base"]), lay["base"]
     uid, _, gid = lay["user"].partition(":")
     assert uid not in ("0", "root") and gid not in ("0", "root") and uid.isdigit()
-    assert any(re.search(r"\bpip install\b.*\s\.(\s|$)", r) for r in lay["run"]), "pip install . of the repo"
+    installs = [m for r in lay["run"] if (m := re.search(r"\bpip install\b.*\s\"?\.(\[[\w,]+\])?\"?(\s|$)", r))]
+    assert installs, "pip install . of the repo"
+    # object storage is a documented path in the image (s3:// shards, trainer.remote_sync): its extra is in
+    extras = {e for m in installs for e in (m.group(1) or "[]").strip("[]").split(",") if e}
+    assert {"s3", "cluster"} <= extras, extras
     # Every COPY source exists in the repo (a missing one fails `docker build`).
     for srcs, _ in lay["copies"]:
         for s in srcs:
