@@ -14,7 +14,9 @@ folder's name and the size and SHA-256 of each of its files (so the ``.pt``'s ow
 Every rank writes its shards into a hidden temporary folder, rank 0 renames it once all are written, then
 writes the ``.pt``. :func:`load_checkpoint` reads the folder back as full tensors (DCP reassembles shards of
 any layout), so a sharded checkpoint loads like a full one: in another strategy, world size or one process
-(export, evaluate.py, ``model.pretrained``).
+(export, evaluate.py, ``model.pretrained``). A resume under fsdp never holds it whole:
+:func:`read_sharded_into` has every rank read just its shards into its live tensors (DCP reshards when the
+number of processes changed).
 
 Writes go to a hidden temporary file in the same folder (``.NAME.tmp-PID``) that is fsynced and then
 ``os.replace``d; on any failure the temporary file is removed. The manifest is written after its checkpoint
@@ -373,6 +375,65 @@ def _read_sharded(file: Path, state: dict[str, Any], verify: bool) -> dict[str, 
     return out
 
 
+def read_sharded_into(file: Path, state: dict[str, Any], model: dict[str, torch.Tensor],
+                      params: list[torch.Tensor], ema: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """A sharded checkpoint's tensors read straight into this process's tensors: the collective form of
+    :func:`_read_sharded` for a sharded (FSDP2) resume. Every rank calls it; each reads only the parts of the
+    files its shards hold, and DCP reshards when the number of processes changed. Nothing is gathered whole.
+
+    ``state``: the checkpoint loaded with ``shards=False``. ``model``: the live model's state dict (DTensor
+    shards or plain tensors sharing the parameters' storage), filled in place. ``params``: the optimizer's
+    parameters in group order; each stored optimizer tensor is allocated like its parameter (or with its
+    stored shape, for scalars such as Adam's step) and filled. ``ema``: the EMA's tensors by name, filled in
+    place (None: the run has no EMA, its stored one is not read). Returns ``state`` in the full-file layout,
+    holding those tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    d = file.parent / state["sharded"]["dir"]
+    try:
+        reader = dcp.FileSystemReader(str(d))
+        meta = reader.read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - DCP raises many kinds for a damaged folder
+        raise CheckpointError(f"checkpoint {file}: its sharded tensors in {d} cannot be read "
+                              f"({type(e).__name__}: {str(e)[:200]})") from e
+    stored = {k.partition("/")[2] for k in meta if k.startswith("model/")}
+    if stored != set(model):
+        raise CheckpointError(f"checkpoint {file} does not fit this model: missing {sorted(set(model) - stored)[:3]}, "
+                              f"unexpected {sorted(stored - set(model))[:3]}")
+    if ema is not None and state.get("ema"):
+        names = state["ema"]["shadow_names"]
+        if list(names) != list(ema):
+            raise CheckpointError(f"checkpoint {file}: its EMA does not fit this model (missing "
+                                  f"{sorted(set(ema) - set(names))[:3]}, unexpected {sorted(set(names) - set(ema))[:3]})")
+    flat: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model.items()}
+    opt_state = {idx: dict(entry) for idx, entry in state["optimizer"]["state"].items()}
+    for key, m in meta.items():
+        kind, _, rest = key.partition("/")
+        if kind == "ema" and ema is not None:
+            flat[key] = ema[rest]
+        elif kind == "optimizer":
+            idx, _, name = rest.partition("/")
+            if int(idx) >= len(params):
+                raise CheckpointError(f"checkpoint {file}: its optimizer state names parameter {idx}, but the "
+                                      f"optimizer has {len(params)} parameters")
+            p = params[int(idx)]
+            like = tuple(m.size) == tuple(p.shape) and len(m.size) > 0
+            t = torch.zeros_like(p, dtype=m.properties.dtype) if like else torch.zeros(
+                tuple(m.size), dtype=m.properties.dtype)
+            opt_state.setdefault(int(idx), {})[name] = flat[key] = t
+    try:
+        dcp.load(flat, storage_reader=reader)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {file}: its sharded tensors in {d} cannot be read "
+                              f"({type(e).__name__}: {str(e)[:200]})") from e
+    out = {**state, "model": model, "optimizer": {**state["optimizer"], "state": opt_state}}
+    if state.get("ema") and ema is not None:
+        e = dict(state["ema"])
+        names = e.pop("shadow_names")
+        out["ema"] = {**e, "shadow": {n: ema[n] for n in names}}
+    return out
+
+
 # ------------------------------------------------------------------------------------------ finding
 
 def step_files(ck: Path) -> list[Path]:
@@ -473,9 +534,10 @@ def verify_file(path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                    verify: bool = True) -> dict[str, Any]:
+                    verify: bool = True, shards: bool = True) -> dict[str, Any]:
     """Verify (unless already done: ``verify=False``) and load a checkpoint dict safely (``weights_only=True``);
-    CheckpointError names a damaged or unreadable file."""
+    CheckpointError names a damaged or unreadable file. ``shards=False``: a sharded checkpoint's folder is
+    verified but not read (its ``model`` stays None), for :func:`read_sharded_into`."""
     if verify:
         verify_file(path)
     try:
@@ -487,20 +549,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a checkpoint dict")
     if state.get("sharded"):
-        state = _read_sharded(Path(path), state, verify)
+        if shards:
+            state = _read_sharded(Path(path), state, verify)
+        elif verify:
+            _verify_sharded(Path(path), state["sharded"])
     return state
 
 
 def load_newest_intact(path: str | os.PathLike, which: str = "latest", map_location: str | torch.device = "cpu",
-                       purpose: str = "resume") -> tuple[Path, dict[str, Any]] | None:
+                       purpose: str = "resume", shards: bool = True) -> tuple[Path, dict[str, Any]] | None:
     """``(file, state)`` of the newest intact checkpoint of ``path`` (see :func:`candidates`), or None when
     there is none at all. Each damaged one is named in a warning and skipped; when every one is damaged,
-    CheckpointError lists them. A file given directly is loaded or refused, never replaced by another."""
+    CheckpointError lists them. A file given directly is loaded or refused, never replaced by another.
+    ``shards``: as in :func:`load_checkpoint`."""
     found = candidates(path, which)
     damaged: list[str] = []
     for f in found:
         try:
-            state = load_checkpoint(f, map_location)
+            state = load_checkpoint(f, map_location, shards=shards)
         except CheckpointError as e:
             if Path(path).is_file():
                 raise CheckpointError(f"{e}. Pass another checkpoint file, or the run dir (then the newest "

@@ -147,7 +147,7 @@ def _shard_like(full: Tensor, like: Any) -> Any:
     """``full`` cut into the shard ``like`` holds (no communication: every rank has ``full``)."""
     from torch.distributed.tensor import distribute_tensor
 
-    if not is_sharded(like):
+    if not is_sharded(like) or is_sharded(full):  # nothing to cut, or already a shard (read in place)
         return full
     if tuple(full.shape) != tuple(like.shape):
         raise ValueError(f"a checkpoint tensor of shape {tuple(full.shape)} cannot fill a parameter of shape "

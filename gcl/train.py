@@ -38,6 +38,7 @@ from gcl.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     load_newest_intact,
+    read_sharded_into,
     rng_state,
     save_sharded,
     set_rng_state,
@@ -420,7 +421,13 @@ class Trainer:
         path, state, changes = planned
         step = state["step"]
         opt_state = state["optimizer"]
-        if self.sharded:  # the file holds full tensors (either strategy wrote it): each rank keeps its shard
+        if self.sharded and state["model"] is None:  # a sharded checkpoint: each rank reads its own shards
+            state = read_sharded_into(
+                path, state, model=self.model.state_dict(),
+                params=[p for g in self.optimizer.param_groups for p in g["params"]],
+                ema=dict(zip(self.ema.names, self.ema.shadow)) if self.ema is not None else None)
+            opt_state = state["optimizer"]  # the model (and EMA) already hold what was read
+        elif self.sharded:  # full tensors (a full file, either strategy wrote it): each rank keeps its shard
             load_full_model_state(self.model, state["model"])
             opt_state = shard_optimizer_state(self.optimizer, opt_state)
         else:
@@ -523,6 +530,7 @@ class Trainer:
         error on rank 0 is raised on every rank."""
         r = self.cfg.trainer.resume
         picked: list[tuple[Path, dict[str, Any]] | None] = [None]
+        shards = not self.sharded  # fsdp reads a sharded checkpoint's tensors into its shards (_resume), not whole
 
         def pick() -> str | None:
             if not self.is_main:
@@ -536,14 +544,15 @@ class Trainer:
                 return None
             if r == "auto":
                 self.ckpt.remove_partial_files()
-                picked[0] = load_newest_intact(self.run_dir, map_location="cpu")
+                picked[0] = load_newest_intact(self.run_dir, map_location="cpu", shards=shards)
                 if picked[0] is None and fetch_for_resume(r, self.run_dir, self.cfg.trainer.remote_sync) is not None:
-                    picked[0] = load_newest_intact(self.run_dir, map_location="cpu")  # the mirror's, downloaded
+                    # the mirror's, downloaded
+                    picked[0] = load_newest_intact(self.run_dir, map_location="cpu", shards=shards)
                 if picked[0] is None:
                     log.info("trainer.resume=auto: no checkpoint in %s yet, starting from step 0", self.run_dir)
             else:
                 local = fetch_for_resume(r, self.run_dir, self.cfg.trainer.remote_sync) or r
-                picked[0] = load_newest_intact(local, map_location="cpu")
+                picked[0] = load_newest_intact(local, map_location="cpu", shards=shards)
                 if picked[0] is None:
                     find_checkpoint(local)  # raises FileNotFoundError with the advice
             return None if picked[0] is None else str(picked[0][0])
@@ -551,7 +560,7 @@ class Trainer:
         chosen = gather_checked(pick, self.world_size, self.rank, what="finding the checkpoint to resume")[0]
         if chosen is None or self.is_main:
             return picked[0]
-        return Path(chosen), load_checkpoint(chosen, map_location="cpu", verify=False)
+        return Path(chosen), load_checkpoint(chosen, map_location="cpu", verify=False, shards=shards)
 
     def _record_launch(self) -> None:
         """Rank 0: drop the metrics rows this launch logs again, and keep its config in the history."""

@@ -10,8 +10,9 @@ norm, the updated weights gathered from the shards and the set of frozen paramet
 - ``layer-decay``: layer-wise lr decay on both towers (parameter groups by name, over sharded parameters);
 - ``unlock``: the image tower locked for step 0 and trained from step 1 (``model.lock_image_steps=1``);
 - ``ema``: an EMA with decay 0.5, whose average (gathered) must equal ddp's. Then its checkpoint, written as
-  shards (``trainer.fsdp_checkpoint=sharded``, the EMA included), resumes in a new fsdp trainer with the same
-  weights and average; and both strategies' in-loop evaluations of the EMA weights (``optim.ema.eval``)
+  shards (``trainer.fsdp_checkpoint=sharded``, the EMA included), resumes in a new fsdp trainer that reads
+  each rank's shards in place (reading the checkpoint whole fails the test), with the same weights and
+  average, and its next step equals the live trainer's bit for bit (optimizer state restored); and both strategies' in-loop evaluations of the EMA weights (``optim.ema.eval``)
   agree, and differ from the trained weights' (the average really is what gets gathered and scored).
 """
 from __future__ import annotations
@@ -84,17 +85,27 @@ def worker(rank: int, out_dir: Path, cache: str) -> None:
         assert fsdp.sharded and any(is_sharded(p) for p in fsdp.model.parameters())
         assert max((a - b).abs().max().item() for a, b in zip(_weights(ddp).values(), _weights(fsdp).values())) == 0
         it = iter(ddp.stream)
-        batches = [next(it) for _ in range(STEPS)]  # this rank's batches
-        results[case] = {"ddp": _steps(ddp, batches), "fsdp": _steps(fsdp, batches)}
+        batches = [next(it) for _ in range(STEPS + 1)]  # this rank's batches
+        results[case] = {"ddp": _steps(ddp, batches[:STEPS]), "fsdp": _steps(fsdp, batches[:STEPS])}
         if case == "ema":
-            fsdp.save()  # sharded: every rank writes its shards of the weights, optimizer state and EMA
-            back = _trainer("fsdp", case, out_dir / f"fsdp-{case}", cache, "trainer.resume=auto")
-            results["ema/resumed"] = {"step": back.step, "weights": _weights(back), "ema": _ema(back)}
             for name, t in (("ddp", ddp), ("fsdp", fsdp)):  # same weights, same average: same metrics
                 ev = _trainer(name, case, out_dir / f"{name}-ema-eval", cache, *EVAL)
                 ev.model.load_state_dict(t.model.state_dict())
                 ev.ema.load_state_dict(t.ema.state_dict())
                 results[f"ema/eval/{name}"] = ev.evaluate()
+            fsdp.save()  # sharded: every rank writes its shards of the weights, optimizer state and EMA
+            import gcl.checkpoint
+
+            def whole(*a, **k):
+                raise AssertionError("an fsdp resume must read its shards in place, not the whole checkpoint")
+
+            read_whole, gcl.checkpoint._read_sharded = gcl.checkpoint._read_sharded, whole
+            back = _trainer("fsdp", case, out_dir / f"fsdp-{case}", cache, "trainer.resume=auto")
+            gcl.checkpoint._read_sharded = read_whole
+            results["ema/resumed"] = {"step": back.step, "weights": _weights(back), "ema": _ema(back)}
+            # the optimizer state came back too: one more step from the resumed and the live trainer agree
+            results["ema/resumed"]["next"] = _steps(back, batches[STEPS:])[0]
+            results["ema/live-next"] = _steps(fsdp, batches[STEPS:])[0]
     torch.save(results, out_dir / f"rank{rank}.pt")
     torch.distributed.barrier()
 
@@ -142,6 +153,9 @@ def test_fsdp_robust_finetune_settings_equal_ddp(tmp_path, catalog_cache):
         back, want = res["ema/resumed"], res["ema"]["fsdp"][-1]
         assert back["step"] == STEPS
         assert _max_diff(back["weights"], want["weights"]) == 0.0 and _max_diff(back["ema"], want["ema"]) == 0.0
+        nxt, live = back["next"], res["ema/live-next"]
+        assert nxt["loss"] == live["loss"] and _max_diff(nxt["weights"], live["weights"]) == 0.0
+        assert _max_diff(nxt["ema"], live["ema"]) == 0.0 and _max_diff(nxt["weights"], want["weights"]) > 0
     e_ddp, e_fsdp = ranks[0]["ema/eval/ddp"], ranks[0]["ema/eval/fsdp"]
     assert any(k.startswith("ema/") for k in e_ddp) and e_ddp.keys() == e_fsdp.keys()
     diff = max(abs(e_ddp[k] - e_fsdp[k]) for k in e_ddp)
