@@ -556,30 +556,25 @@ def download(
     fetch.check()
     if threads < 1:
         raise DownloadError(f"threads must be >= 1, got {threads}")
-    table, out_dir = R.as_table(table), Path(out_dir)
-    files, fmt = R._table_files(table, input_format)
-    settings = P._check_options(table, fields, image_column, images_root, key_column, split_column, per_shard,
-                                resize, jpeg_quality, image_background, list_sep, list_fields, required, 0,
-                                max_rows)
-    needed = list(dict.fromkeys([image_column, *fields.values(),
-                                 *(c for c in (key_column, split_column) if c is not None)]))
-    total = R._table_columns(files, fmt, needed)
-    if total is not None and max_rows is not None:
-        total = min(total, max_rows)
+    out_dir = Path(out_dir)
+    # workers=0: no prepare worker processes here; the fetch threads run prepare's row code themselves.
+    source = P._open_table(table, input_format, fields, image_column, images_root, key_column, split_column,
+                           per_shard, resize, jpeg_quality, image_background, list_sep, list_fields, required, 0,
+                           max_rows)
+    settings = source.settings
     options = {"settings": {k: (sorted(v) if isinstance(v, frozenset) else v)
                             for k, v in asdict(settings).items() if k != "images_root"},
-               "images_root": str(settings.images_root), "per_shard": per_shard, "format": fmt,
+               "images_root": str(settings.images_root), "per_shard": per_shard, "format": source.fmt,
                "max_bytes": fetch.max_bytes, "max_pixels": fetch.max_pixels, "max_redirects": fetch.max_redirects,
                "respect_noai": fetch.respect_noai}
     job = _Job(out_dir)
-    job.open(_fingerprint(files, options), overwrite)
+    job.open(_fingerprint(source.files, options), overwrite)
     fetcher = Fetcher(fetch)
-    rows = P._limited(enumerate(R._iter_rows(files, fmt, needed)), max_rows)
-    bar = tqdm(total=total, unit=" rows", desc="download", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=source.total, unit=" rows", desc="download", disable=not progress, dynamic_ncols=True)
     n_chunks = resumed = 0
     try:
         with ThreadPoolExecutor(threads, thread_name_prefix="gcl-download") as pool:
-            n_chunks, resumed = _run_chunks(job, _chunks(rows, per_shard), pool, fetcher, settings, bar)
+            n_chunks, resumed = _run_chunks(job, _chunks(source.rows(), per_shard), pool, fetcher, settings, bar)
     finally:
         bar.close()
     report = job.finish(n_chunks, Path(reject_file) if reject_file is not None else out_dir / "rejects.jsonl")

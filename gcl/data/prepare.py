@@ -333,23 +333,15 @@ def prepare(
         PrepareError: bad options or columns, an image URL, no row written, or (``strict``) a bad row.
     """
     start = time.perf_counter()
-    table = as_table(table)
     out_dir = Path(out_dir)
-    files, fmt = _table_files(table, input_format)
-    settings = _check_options(
-        table, fields, image_column, images_root, key_column, split_column, per_shard, resize, jpeg_quality,
-        image_background, list_sep, list_fields, required, workers, max_rows)
-    needed = list(dict.fromkeys([image_column, *fields.values(),
-                                 *(c for c in (key_column, split_column) if c is not None)]))
-    total = _table_columns(files, fmt, needed)
-    if total is not None and max_rows is not None:
-        total = min(total, max_rows)
+    source = _open_table(table, input_format, fields, image_column, images_root, key_column, split_column,
+                         per_shard, resize, jpeg_quality, image_background, list_sep, list_fields, required,
+                         workers, max_rows)
     _clear_outputs(out_dir, overwrite)
 
-    rows = _limited(enumerate(_iter_rows(files, fmt, needed)), max_rows)
-    bar = tqdm(total=total, unit=" rows", desc="prepare", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=source.total, unit=" rows", desc="prepare", disable=not progress, dynamic_ncols=True)
     run = _Run(out_dir, per_shard, strict, bar)
-    _write_rows(run, settings, rows, workers, progress, reject_file)
+    _write_rows(run, source.settings, source.rows(), workers, progress, reject_file)
     report = run.report
     report.skipped = dict(run.skipped)
     report.seconds = time.perf_counter() - start
@@ -464,6 +456,43 @@ def _discard(writers: dict[str, ShardWriter]) -> None:
     """Remove everything a failed run wrote, so a rerun starts clean (no --overwrite needed)."""
     for writer in writers.values():
         writer.abort()
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A table opened for one ``prepare`` / ``download`` run: its files and format, the checked options, the
+    columns read, and the row count for the progress bar (None where the format cannot tell cheaply)."""
+
+    files: list[Path]
+    fmt: str
+    settings: _Settings
+    columns: list[str]
+    total: int | None
+    max_rows: int | None
+
+    def rows(self) -> Iterator[tuple[int, Any]]:
+        """(row index, row) for every data row, in table order, up to ``max_rows``."""
+        return _limited(enumerate(_iter_rows(self.files, self.fmt, self.columns)), self.max_rows)
+
+
+def _open_table(table: str | Path | Sequence[str | Path], input_format: str | None, fields: dict[str, str],
+                image_column: str, images_root: str | Path | None, key_column: str | None,
+                split_column: str | None, per_shard: int, resize: int | None, jpeg_quality: int | None,
+                image_background: str, list_sep: str | None, list_fields: Sequence[str] | None,
+                required: Sequence[str], workers: int, max_rows: int | None) -> _Source:
+    """The option preamble shared by ``prepare`` and ``gcl.data.download.download``: find the table's files,
+    check the options (PrepareError naming the bad one) and that the columns exist, before anything is written."""
+    table = as_table(table)
+    files, fmt = _table_files(table, input_format)
+    settings = _check_options(
+        table, fields, image_column, images_root, key_column, split_column, per_shard, resize, jpeg_quality,
+        image_background, list_sep, list_fields, required, workers, max_rows)
+    columns = list(dict.fromkeys([image_column, *fields.values(),
+                                  *(c for c in (key_column, split_column) if c is not None)]))
+    total = _table_columns(files, fmt, columns)
+    if total is not None and max_rows is not None:
+        total = min(total, max_rows)
+    return _Source(files, fmt, settings, columns, total, max_rows)
 
 
 def _check_options(table: Table, fields: dict[str, str], image_column: str, images_root: str | Path | None,
