@@ -134,6 +134,26 @@ def _attach_logit_bias(model: nn.Module, model_cfg: dict, logit_bias_init: float
                      float(model.logit_bias.detach().reshape(-1)[0]))
 
 
+def _apply_training_settings(model: nn.Module, grad_checkpointing: bool, patch_dropout: float,
+                             channels_last: bool) -> None:
+    """Activation checkpointing, patch dropout and the NHWC weight layout, in place (after locks and LoRA)."""
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    set_patch_dropout(model, patch_dropout)
+    if channels_last:
+        to_channels_last(model)
+
+
+def _log_built(model: nn.Module, name: str, pretrained: str | None, precision: str, real_length: bool,
+               packing: str, seconds: float) -> None:
+    """One INFO line: parameter counts (all, trainable), the text encoding chosen and the build time."""
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("built %s (pretrained=%s, %s): %.1fM params, %.1fM trainable, text %s-length%s, %.1fs", name,
+             pretrained, precision, n_all / 1e6, n_train / 1e6, "real" if real_length else "fixed",
+             ", prefix-packed" if packing == "prefix" else "", seconds)
+
+
 def build_model(name: str, pretrained: str | None = None, *, config_path: str | None = None,
                 precision: str = "fp32", device: str | torch.device = "cpu", lock_image: bool = False,
                 lock_image_unlocked_groups: int = 0, lock_image_freeze_bn: bool = True, lock_text: bool = False,
@@ -183,11 +203,7 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
                 lock_text_unlocked_layers=lock_text_unlocked_layers,
                 lock_text_freeze_layer_norm=lock_text_freeze_layer_norm)
     apply_lora_config(model, lora)
-    if grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    set_patch_dropout(model, patch_dropout)
-    if channels_last:
-        to_channels_last(model)
+    _apply_training_settings(model, grad_checkpointing, patch_dropout, channels_last)
 
     pad_id = tokenizer_pad_id(tokenizer)
     real_length, packing = choose_text_encoding(model, tokenizer, pad_id, name, text_packing)
@@ -195,11 +211,7 @@ def build_model(name: str, pretrained: str | None = None, *, config_path: str | 
 
     pp_cfg = dict(model.visual.preprocess_cfg)
     pp = PreprocessCfg(**pp_cfg)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    log.info("built %s (pretrained=%s, %s): %.1fM params, %.1fM trainable, text %s-length%s, %.1fs", name,
-             pretrained, precision, n_all / 1e6, n_train / 1e6, "real" if real_length else "fixed",
-             ", prefix-packed" if packing == "prefix" else "", time.perf_counter() - t0)
+    _log_built(model, name, pretrained, precision, real_length, packing, time.perf_counter() - t0)
     return ModelBundle(
         model=model,
         preprocess_train=image_transform_v2(pp, is_train=True),
