@@ -1,7 +1,7 @@
 """Build-once folders in a shared cache: a generated dataset appears complete under its final name or not at all.
 
-Used by the generated datasets (the world, ``gcl.data.world``); safe for concurrent callers (ranks, loader
-workers, jobs sharing a file system).
+Used by the generated datasets (the world, ``gcl.data.world``; the fashion catalog, ``gcl.data.catalog``);
+safe for concurrent callers (ranks, loader workers, jobs sharing a file system).
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 # Re-exports (public and private) so that existing importers keep working.
+from gcl.data.cache import file_lock as _file_lock  # noqa: F401 - was gcl.data.catalog.write's
 from gcl.data.catalog.attributes import (  # noqa: F401
     _ACCENT_DETAILS,
     _PARENT_NOUN,
@@ -92,7 +93,6 @@ from gcl.data.catalog.write import (  # noqa: F401
     _build,
     _build_star,
     _check_args,
-    _file_lock,
     _item_id,
     _Job,
     _open_writer,

@@ -4,10 +4,12 @@ hashes every argument that changes bytes).
 
 Lives here: the per-product build (image bytes, text fields, missing values, noisy titles, ranking rows),
 the split assignment, ``generate_catalog``, the Parquet table, ``catalog.json``, ``catalog_name``,
-``ensure_catalog`` (locked, atomic, race-tolerant) and ``load_catalog``.
+``ensure_catalog`` and ``load_catalog``.
 
 Not here: what a product is (``attributes``), its picture (``draw``, ``render``) and its words (``text``);
-the tar format (``gcl.data.shards.ShardWriter``); the CLI (``gcl.data.synthetic``).
+what the world and the catalog share for writing (``gcl.data.generated``: output folder, ordered worker pool,
+split shards, patterns); the locked, atomic, race-tolerant cache folder (``gcl.data.cache.build_once``); the
+tar format (``gcl.data.shards.ShardWriter``); the CLI (``gcl.data.synthetic``).
 """
 from __future__ import annotations
 
@@ -16,18 +18,16 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
-import shutil
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gcl.data.cache import build_once
 from gcl.data.catalog.attributes import (
     _S_ATTR,
     _S_IMAGE,
@@ -49,6 +49,8 @@ from gcl.data.catalog.attributes import (
 )
 from gcl.data.catalog.render import render_product
 from gcl.data.catalog.text import make_query, make_texts, noisy_title
+from gcl.data.generated import TAR_MTIME, SplitShards, fresh_output_dir, ordered_map, progress_bar
+from gcl.data.generated import split_pattern as _pattern
 from gcl.data.schema import TEXT_FIELDS
 from gcl.data.shards import ShardWriter
 
@@ -60,8 +62,7 @@ FORMAT_VERSION = 1
 SPLITS: tuple[str, ...] = ("train", "val", "test", "test_heldout")
 FLAT_FIELDS: tuple[str, ...] = ("item_id", "category", "subcategory", "color", "material", "pattern")
 RANK_FIELDS: tuple[str, ...] = ("query", "score", "position")
-# Fixed tar member mtime so that shard bytes depend on the arguments only, never on the wall clock.
-_TAR_MTIME = 946684800.0  # 2000-01-01T00:00:00Z
+_TAR_MTIME = TAR_MTIME  # the name gcl.data.synthetic re-exports
 _JPEG_QUALITY = 92
 
 # ============================================================================================ catalog
@@ -156,15 +157,7 @@ def _rank_rows(products: int, seed: int, attrs: list[dict[str, Any]]) -> list[tu
 
 def _open_writer(out: Path, per_shard: int) -> ShardWriter:
     # A fixed tar mtime makes shard bytes reproducible for a seed.
-    return ShardWriter(out, per_shard=per_shard, mtime=_TAR_MTIME)
-
-
-def _pattern(root: Path, split: str, n_shards: int) -> str | None:
-    if n_shards == 0:
-        return None
-    if n_shards == 1:
-        return str(root / split / "shard-000000.tar")
-    return str(root / split / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+    return ShardWriter(out, per_shard=per_shard, mtime=TAR_MTIME)
 
 
 def _vocab() -> dict[str, Any]:
@@ -191,9 +184,7 @@ def generate_catalog(out_dir: str | os.PathLike, products: int, seed: int = 0, i
     """
     fractions = _check_args(products, seed, image_size, per_shard, splits, missing_rate, noisy_title_rate, workers)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; give a new output directory or delete this one")
-    out.mkdir(parents=True, exist_ok=True)
+    fresh_output_dir(out)
     root = Path(_final_dir) if _final_dir is not None else out
     root = root.resolve()
     t0 = time.perf_counter()
@@ -227,37 +218,20 @@ def _write_shards(out: Path, job: _Job, attrs: list[dict[str, Any]], split_of: l
     order. Returns the table rows and each split's ``sizes.json`` content."""
     products = len(attrs)
     tasks = ((job, i, attrs[i], ranks[i] if ranks else None) for i in range(products))
-    writers = {s: _open_writer(out / s, per_shard) for s in SPLITS}
-    seen = dict.fromkeys(SPLITS, 0)
     rows: list[dict[str, Any]] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=products, unit="product", desc="synthetic catalog", dynamic_ncols=True)
-    with contextlib.ExitStack() as stack:
-        results: Iterator[tuple[bytes, dict[str, Any]]]
-        if workers > 1:
-            # spawn: safe under threads / CUDA in the parent (the trainer); workers import only numpy + PIL.
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
-            results = pool.imap(_build_star, tasks, chunksize=16)
-        else:
-            results = map(_build_star, tasks)
-        for i, (jpg, fields) in enumerate(results):
+    # Workers import only numpy + PIL (and the catalog's own modules).
+    with SplitShards(out, SPLITS, per_shard) as shards, contextlib.ExitStack() as stack, \
+            progress_bar(progress, products, "product", "synthetic catalog") as bar:
+        for i, (jpg, fields) in enumerate(ordered_map(_build_star, tasks, workers, 16, stack)):
             s = split_of[i]
             key = fields["item_id"]
-            writers[s].write(key, jpg, "jpg", fields)
+            shard = shards.write(s, key, jpg, fields)
             row = {k: fields.get(k) for k in (*FLAT_FIELDS, *TEXT_FIELDS, *RANK_FIELDS)}
-            row.update(split=s, shard=f"{s}/shard-{seen[s] // per_shard:06d}.tar", key=key,
-                       secondary_color=attrs[i]["secondary_color"])
-            seen[s] += 1
+            row.update(split=s, shard=shard, key=key, secondary_color=attrs[i]["secondary_color"])
             rows.append(row)
             if bar is not None:
                 bar.update(1)
-        sizes = {s: w.close() for s, w in writers.items()}
-    if bar is not None:
-        bar.close()
-    return rows, sizes
+    return rows, shards.sizes
 
 
 def _split_info(root: Path, sizes: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
@@ -354,44 +328,13 @@ def ensure_catalog(cache_dir: str | os.PathLike, products: int, seed: int = 0, i
     not work across hosts) deletes its copy and uses the winner's, which is byte-identical.
     """
     _check_args(products, seed, image_size, per_shard, splits, missing_rate, noisy_title_rate, workers)
-    cache = Path(cache_dir).expanduser()
-    cache.mkdir(parents=True, exist_ok=True)
+
+    def build(tmp: Path, final: Path) -> None:
+        log.info("generating synthetic catalog (%d products, seed %d, %d px) into %s", products, seed,
+                 image_size, final)
+        generate_catalog(tmp, products, seed=seed, image_size=image_size, per_shard=per_shard, splits=splits,
+                         missing_rate=missing_rate, noisy_title_rate=noisy_title_rate,
+                         with_queries=with_queries, workers=workers, progress=progress, _final_dir=final)
+
     name = catalog_name(products, seed, image_size, per_shard, splits, missing_rate, noisy_title_rate, with_queries)
-    final = cache / name
-    if (final / "catalog.json").is_file():
-        return final
-    with _file_lock(cache / f".{name}.lock"):
-        if (final / "catalog.json").is_file():
-            return final
-        tmp = cache / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            log.info("generating synthetic catalog (%d products, seed %d, %d px) into %s", products, seed,
-                     image_size, final)
-            generate_catalog(tmp, products, seed=seed, image_size=image_size, per_shard=per_shard, splits=splits,
-                             missing_rate=missing_rate, noisy_title_rate=noisy_title_rate,
-                             with_queries=with_queries, workers=workers, progress=progress, _final_dir=final)
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                # Lost the race: another process put an identical catalog there first.
-                if not (final / "catalog.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (POSIX flock); a no-op where flock is unavailable (the rename stays safe)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return build_once(cache_dir, name, "catalog.json", build)

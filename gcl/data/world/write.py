@@ -16,17 +16,16 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gcl.data.cache import build_once
-from gcl.data.shards import ShardWriter
+from gcl.data.generated import SplitShards, fresh_output_dir, ordered_map, progress_bar, split_pattern
 from gcl.data.world import scene as sc
 from gcl.data.world.render import render_scene
 from gcl.data.world.text import make_texts
@@ -44,7 +43,6 @@ FIELDS: tuple[str, ...] = ("item_id", "title", "sentence", "caption", "caption_f
                            "color", "pattern", "count", "background")
 OPTIONAL_FIELDS: tuple[str, ...] = ("pattern_color", "single_label", "single_color", "relation", "label2", "color2",
                                     "pattern2", "pattern_color2")
-_TAR_MTIME = 946684800.0  # 2000-01-01T00:00:00Z: shard bytes never depend on the wall clock
 _JPEG_QUALITY = 92
 
 
@@ -89,24 +87,6 @@ def check_args(samples: int, seed: int, image_size: int, per_shard: int, splits:
     return sp  # type: ignore[return-value]
 
 
-def _pattern(root: Path, split: str, n_shards: int) -> str | None:
-    if n_shards == 0:
-        return None
-    if n_shards == 1:
-        return str(root / split / "shard-000000.tar")
-    return str(root / split / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
-
-
-def _results(job: _Job, samples: int, workers: int, stack: contextlib.ExitStack
-             ) -> Iterator[tuple[str, bytes, dict[str, str]]]:
-    tasks = ((job, i) for i in range(samples))
-    if workers > 1:
-        # spawn: safe under threads / CUDA in the parent (the trainer); imap keeps the sample order.
-        pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
-        return pool.imap(_build_star, tasks, chunksize=32)
-    return map(_build_star, tasks)
-
-
 def generate_world(out_dir: str | os.PathLike, samples: int, seed: int = 0, image_size: int = 64,
                    per_shard: int = 1000, splits: Sequence[float] = (0.8, 0.1, 0.1), workers: int = 1,
                    progress: bool = False, _final_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -118,39 +98,22 @@ def generate_world(out_dir: str | os.PathLike, samples: int, seed: int = 0, imag
     """
     fractions = check_args(samples, seed, image_size, per_shard, splits, workers)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; give a new output directory or delete this one")
-    out.mkdir(parents=True, exist_ok=True)
+    fresh_output_dir(out)
     root = Path(_final_dir if _final_dir is not None else out).resolve()
     t0 = time.perf_counter()
     held = sc.heldout_combos(seed)
     job = _Job(seed, image_size, fractions, frozenset(held))
-    writers = {s: ShardWriter(out / s, per_shard=per_shard, mtime=_TAR_MTIME) for s in SPLITS}
     rows: list[dict[str, Any]] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=samples, unit="sample", desc="world", dynamic_ncols=True)
-    try:
-        with contextlib.ExitStack() as stack:
-            for split, jpg, fields in _results(job, samples, workers, stack):
-                n = writers[split].total
-                writers[split].write(fields["item_id"], jpg, "jpg", fields)
-                rows.append({**fields, "key": fields["item_id"], "split": split,
-                             "shard": f"{split}/shard-{n // per_shard:06d}.tar"})
-                if bar is not None:
-                    bar.update(1)
-        sizes = {s: w.close() for s, w in writers.items()}
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+    tasks = ((job, i) for i in range(samples))
+    with SplitShards(out, SPLITS, per_shard) as shards, contextlib.ExitStack() as stack, \
+            progress_bar(progress, samples, "sample", "world") as bar:
+        for split, jpg, fields in ordered_map(_build_star, tasks, workers, 32, stack):
+            shard = shards.write(split, fields["item_id"], jpg, fields)
+            rows.append({**fields, "key": fields["item_id"], "split": split, "shard": shard})
+            if bar is not None:
+                bar.update(1)
     _write_table(out / TABLE, rows)
-    meta = _meta(root, seed, samples, image_size, per_shard, fractions, held, sizes, rows)
+    meta = _meta(root, seed, samples, image_size, per_shard, fractions, held, shards.sizes, rows)
     tmp = out / (META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     os.replace(tmp, out / META)
@@ -160,7 +123,8 @@ def generate_world(out_dir: str | os.PathLike, samples: int, seed: int = 0, imag
 
 def _meta(root: Path, seed: int, samples: int, image_size: int, per_shard: int, fractions: Sequence[float],
           held: list[tuple[str, str]], sizes: dict[str, dict[str, int]], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    split_info = {s: {"pattern": _pattern(root, s, len(sizes[s])), "relpattern": _pattern(Path("."), s, len(sizes[s])),
+    split_info = {s: {"pattern": split_pattern(root, s, len(sizes[s])),
+                      "relpattern": split_pattern(Path("."), s, len(sizes[s])),
                       "count": int(sum(sizes[s].values())), "shards": len(sizes[s])} for s in SPLITS}
     counts = {"samples": samples, "splits": {s: split_info[s]["count"] for s in SPLITS}}
     for f in ("label", "color", "scene", "count", "background", "pattern", "caption_form"):

@@ -1,0 +1,113 @@
+"""What the two generated datasets (the world, ``gcl.data.world``; the fashion catalog, ``gcl.data.catalog``)
+share: a fresh output folder, samples built in index order (in spawned worker processes when asked), one
+shard folder per split written with a fixed tar mtime, brace patterns of those folders, the progress bar,
+and the pixel grid both renderers start from.
+
+The bytes of a generated dataset depend on its arguments only (never on the worker count or the wall clock);
+everything here keeps that. Not here: what a sample is and how it is drawn (each generator's own modules),
+the build-on-first-use cache (``gcl.data.cache``), the tar format (``gcl.data.shards.ShardWriter``).
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from gcl.data.shards import ShardWriter
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+TAR_MTIME = 946684800.0  # 2000-01-01T00:00:00Z: shard bytes never depend on the wall clock
+
+
+def fresh_output_dir(out: Path) -> None:
+    """Create ``out``; refuse one that already holds files (a generator never mixes with older output)."""
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; give a new output directory or delete this one")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def split_pattern(root: Path, split: str, n_shards: int) -> str | None:
+    """The brace pattern of a split's ``n_shards`` shards under ``root`` (None when the split is empty)."""
+    if n_shards == 0:
+        return None
+    if n_shards == 1:
+        return str(root / split / "shard-000000.tar")
+    return str(root / split / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def ordered_map(fn: Callable[[T], R], tasks: Iterable[T], workers: int, chunksize: int,
+                stack: contextlib.ExitStack) -> Iterator[R]:
+    """``fn`` over ``tasks`` in task order: in this process, or in ``workers`` (> 1) spawned processes whose
+    pool ``stack`` closes. spawn: safe under threads / CUDA in the parent (the trainer); imap keeps the order,
+    so the worker count never changes the output."""
+    if workers > 1:
+        pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+        return pool.imap(fn, tasks, chunksize=chunksize)
+    return map(fn, tasks)
+
+
+@contextlib.contextmanager
+def progress_bar(progress: bool, total: int, unit: str, desc: str) -> Iterator[Any]:
+    """A tqdm bar when ``progress`` (closed on exit), else None."""
+    if not progress:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+class SplitShards:
+    """One :class:`ShardWriter` per split under ``out`` (``out/<split>/shard-%06d.tar`` + ``sizes.json``),
+    with the fixed tar mtime. As a context manager: every split is closed on success (``sizes`` then maps
+    split -> its ``sizes.json`` content); on an error every shard written so far is removed."""
+
+    def __init__(self, out: Path, splits: Sequence[str], per_shard: int) -> None:
+        self.per_shard = per_shard
+        self.writers = {s: ShardWriter(out / s, per_shard=per_shard, mtime=TAR_MTIME) for s in splits}
+        self.sizes: dict[str, dict[str, int]] = {}
+
+    def write(self, split: str, key: str, jpg: bytes, fields: dict[str, Any]) -> str:
+        """Write one JPEG sample to ``split``; returns its shard's path relative to ``out``."""
+        writer = self.writers[split]
+        shard = f"{split}/shard-{writer.total // self.per_shard:06d}.tar"
+        writer.write(key, jpg, "jpg", fields)
+        return shard
+
+    def __enter__(self) -> SplitShards:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            try:
+                self.sizes = {s: w.close() for s, w in self.writers.items()}
+                return
+            except BaseException:
+                self._abort()
+                raise
+        self._abort()
+
+    def _abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+
+
+@lru_cache(maxsize=8)
+def pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only ``(yy, xx)`` float32 pixel coordinates of a ``size`` x ``size`` canvas (cached: every
+    picture of a dataset has the same size)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy.setflags(write=False)
+    xx.setflags(write=False)
+    return yy, xx
