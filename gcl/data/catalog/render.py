@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from gcl.data.catalog.attributes import COLORS, SUBCATEGORIES, _dist, _pick
 from gcl.data.catalog.draw import _DRAW, _Canvas
+from gcl.data.generated import pixel_grid as _grid  # also re-exported by gcl.data.synthetic
 
 # ============================================================================================ rendering
 
@@ -29,14 +29,6 @@ _BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
 )
 _METAL = (196, 196, 202)
 TAU = 2 * math.pi
-
-
-@lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    yy.setflags(write=False)
-    xx.setflags(write=False)
-    return yy, xx
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: tuple[int, int]) -> np.ndarray:

@@ -15,20 +15,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from gcl.data.generated import pixel_grid as _grid
 from gcl.data.world.shapes import DRAW, Pen
 from gcl.data.world.vocab import BACKGROUNDS, CLASSES, COLORS
 
 Box = tuple[float, float, float, float]  # x0, y0, w, h in pixels
 TAU = 2 * math.pi
 _MARGIN, _GAP = 0.06, 0.05  # canvas margin and gap between cells, as fractions of the canvas side
-
-
-@lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    yy.setflags(write=False)
-    xx.setflags(write=False)
-    return yy, xx
 
 
 # ============================================================================================ layout
