@@ -26,6 +26,25 @@ R = TypeVar("R")
 TAR_MTIME = 946684800.0  # 2000-01-01T00:00:00Z: shard bytes never depend on the wall clock
 
 
+def check_common_args(count_name: str, count: int, seed: int, image_size: int, per_shard: int,
+                      splits: Sequence[float]) -> tuple[float, float, float]:
+    """The arguments both generators take: a ValueError naming the first bad one; returns the split fractions
+    (train, val, test). ``count_name`` is the generator's word for its size (``samples``, ``products``)."""
+    if int(count) != count or count < 1:
+        raise ValueError(f"{count_name} must be a positive integer, got {count!r}")
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16 px, got {image_size}")
+    if per_shard < 1:
+        raise ValueError(f"per_shard must be >= 1, got {per_shard}")
+    sp = tuple(float(x) for x in splits)
+    if len(sp) != 3 or any(x < 0 for x in sp) or abs(sum(sp) - 1.0) > 1e-6:
+        raise ValueError(f"splits must be three non-negative fractions (train, val, test) summing to 1, "
+                         f"got {splits!r}")
+    return sp  # type: ignore[return-value]
+
+
 def fresh_output_dir(out: Path) -> None:
     """Create ``out``; refuse one that already holds files (a generator never mixes with older output)."""
     if out.exists() and any(out.iterdir()):
@@ -40,6 +59,22 @@ def split_pattern(root: Path, split: str, n_shards: int) -> str | None:
     if n_shards == 1:
         return str(root / split / "shard-000000.tar")
     return str(root / split / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def split_info(root: Path, splits: Sequence[str], sizes: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
+    """The ``splits`` entry of a generated dataset's metadata file: per split its absolute and relative brace
+    patterns (None when empty), sample and shard counts. ``sizes``: split -> its ``sizes.json`` content."""
+    return {s: {"pattern": split_pattern(root, s, len(sizes[s])), "relpattern": split_pattern(Path("."), s, len(sizes[s])),
+                "count": int(sum(sizes[s].values())), "shards": len(sizes[s])} for s in splits}
+
+
+def resolve_patterns(meta: dict[str, Any], root: Path) -> dict[str, Any]:
+    """``meta`` (read from a metadata file) with each split's ``pattern`` re-resolved against ``root`` from its
+    ``relpattern``, so a moved dataset still works."""
+    for info in meta["splits"].values():
+        rel = info.get("relpattern")
+        info["pattern"] = str(root / rel) if rel else None
+    return meta
 
 
 def ordered_map(fn: Callable[[T], R], tasks: Iterable[T], workers: int, chunksize: int,

@@ -3,7 +3,8 @@
 This module is the command line, ``python -m gcl.data.synthetic OUT --products N --seed S [--image-size 64]
 [--per-shard K] [--workers W]``, and the import path that existed before the catalog became a package: every
 name it defined is re-exported here from ``gcl.data.catalog`` (attributes, draw, render, text, write), where
-the code and its description live. New code imports from ``gcl.data.catalog``.
+the code and its description live, or from ``gcl.data.cache`` / ``gcl.data.generated`` for the few pieces the
+catalog now shares with the world. New code imports from ``gcl.data.catalog``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 # Re-exports (public and private) so that existing importers keep working.
-from gcl.data.cache import file_lock as _file_lock  # noqa: F401 - was gcl.data.catalog.write's
+from gcl.data.cache import file_lock as _file_lock  # noqa: F401
 from gcl.data.catalog.attributes import (  # noqa: F401
     _ACCENT_DETAILS,
     _PARENT_NOUN,
@@ -84,7 +85,6 @@ from gcl.data.catalog.text import (  # noqa: F401
 )
 from gcl.data.catalog.write import (  # noqa: F401
     _JPEG_QUALITY,
-    _TAR_MTIME,
     FLAT_FIELDS,
     FORMAT_VERSION,
     RANK_FIELDS,
@@ -95,8 +95,6 @@ from gcl.data.catalog.write import (  # noqa: F401
     _check_args,
     _item_id,
     _Job,
-    _open_writer,
-    _pattern,
     _rank_rows,
     _vocab,
     _write_table,
@@ -105,6 +103,8 @@ from gcl.data.catalog.write import (  # noqa: F401
     generate_catalog,
     load_catalog,
 )
+from gcl.data.generated import TAR_MTIME as _TAR_MTIME  # noqa: F401
+from gcl.data.generated import split_pattern as _pattern  # noqa: F401
 
 log = logging.getLogger(__name__)
 

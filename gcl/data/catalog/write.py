@@ -49,10 +49,16 @@ from gcl.data.catalog.attributes import (
 )
 from gcl.data.catalog.render import render_product
 from gcl.data.catalog.text import make_query, make_texts, noisy_title
-from gcl.data.generated import TAR_MTIME, SplitShards, fresh_output_dir, ordered_map, progress_bar
-from gcl.data.generated import split_pattern as _pattern
+from gcl.data.generated import (
+    SplitShards,
+    check_common_args,
+    fresh_output_dir,
+    ordered_map,
+    progress_bar,
+    resolve_patterns,
+    split_info,
+)
 from gcl.data.schema import TEXT_FIELDS
-from gcl.data.shards import ShardWriter
 
 # Records keep the logger name they had before this code moved here from gcl.data.synthetic.
 log = logging.getLogger("gcl.data.synthetic")
@@ -62,7 +68,6 @@ FORMAT_VERSION = 1
 SPLITS: tuple[str, ...] = ("train", "val", "test", "test_heldout")
 FLAT_FIELDS: tuple[str, ...] = ("item_id", "category", "subcategory", "color", "material", "pattern")
 RANK_FIELDS: tuple[str, ...] = ("query", "score", "position")
-_TAR_MTIME = TAR_MTIME  # the name gcl.data.synthetic re-exports
 _JPEG_QUALITY = 92
 
 # ============================================================================================ catalog
@@ -108,23 +113,13 @@ def _item_id(index: int) -> str:
 
 def _check_args(products: int, seed: int, image_size: int, per_shard: int, splits: Sequence[float],
                 missing_rate: float, noisy_title_rate: float, workers: int) -> tuple[float, float, float]:
-    if int(products) != products or products < 1:
-        raise ValueError(f"products must be a positive integer, got {products!r}")
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16 px, got {image_size}")
-    if per_shard < 1:
-        raise ValueError(f"per_shard must be >= 1, got {per_shard}")
-    sp = tuple(float(x) for x in splits)
-    if len(sp) != 3 or any(x < 0 for x in sp) or abs(sum(sp) - 1.0) > 1e-6:
-        raise ValueError(f"splits must be three non-negative fractions (train, val, test) summing to 1, got {splits!r}")
+    sp = check_common_args("products", products, seed, image_size, per_shard, splits)
     for name, r in (("missing_rate", missing_rate), ("noisy_title_rate", noisy_title_rate)):
         if not 0.0 <= r <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    return sp  # type: ignore[return-value]
+    return sp
 
 
 def _assign_splits(products: int, seed: int, fractions: tuple[float, float, float],
@@ -153,11 +148,6 @@ def _rank_rows(products: int, seed: int, attrs: list[dict[str, Any]]) -> list[tu
         for r, i in enumerate(sorted(idx, key=lambda i: (-qs[i][1], i))):
             pos[i] = r + 1
     return [(q, s, pos[i]) for i, (q, s) in enumerate(qs)]
-
-
-def _open_writer(out: Path, per_shard: int) -> ShardWriter:
-    # A fixed tar mtime makes shard bytes reproducible for a seed.
-    return ShardWriter(out, per_shard=per_shard, mtime=TAR_MTIME)
 
 
 def _vocab() -> dict[str, Any]:
@@ -203,7 +193,7 @@ def generate_catalog(out_dir: str | os.PathLike, products: int, seed: int = 0, i
     args = {"products": products, "seed": seed, "image_size": image_size, "per_shard": per_shard,
             "splits": list(fractions), "missing_rate": missing_rate, "noisy_title_rate": noisy_title_rate,
             "with_queries": with_queries}
-    catalog = _catalog_json(args, attrs, held, _split_info(root, sizes))
+    catalog = _catalog_json(args, attrs, held, split_info(root, SPLITS, sizes))
     tmp = out / "catalog.json.tmp"
     tmp.write_text(json.dumps(catalog, indent=1, ensure_ascii=False))
     os.replace(tmp, out / "catalog.json")
@@ -232,16 +222,6 @@ def _write_shards(out: Path, job: _Job, attrs: list[dict[str, Any]], split_of: l
             if bar is not None:
                 bar.update(1)
     return rows, shards.sizes
-
-
-def _split_info(root: Path, sizes: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
-    """``catalog.json``'s ``splits``: absolute and relative brace patterns, sample and shard counts."""
-    split_info = {}
-    for s in SPLITS:
-        n_sh = len(sizes[s])
-        split_info[s] = {"pattern": _pattern(root, s, n_sh), "relpattern": _pattern(Path("."), s, n_sh),
-                         "count": int(sum(sizes[s].values())), "shards": n_sh}
-    return split_info
 
 
 def _catalog_json(args: dict[str, Any], attrs: list[dict[str, Any]], held: list[tuple[str, str]],
@@ -299,11 +279,7 @@ def load_catalog(catalog_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: generate the catalog with generate_catalog() or "
                                 f"`python -m gcl.data.synthetic {root} --products N`")
-    cat = json.loads(path.read_text())
-    for info in cat["splits"].values():
-        rel = info.get("relpattern")
-        info["pattern"] = str(root / rel) if rel else None
-    return cat
+    return resolve_patterns(json.loads(path.read_text()), root)
 
 
 def catalog_name(products: int, seed: int, image_size: int, per_shard: int = 1000,

@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from gcl.data.cache import build_once
-from gcl.data.generated import SplitShards, fresh_output_dir, ordered_map, progress_bar, split_pattern
+from gcl.data.generated import (
+    SplitShards,
+    check_common_args,
+    fresh_output_dir,
+    ordered_map,
+    progress_bar,
+    resolve_patterns,
+    split_info,
+)
 from gcl.data.world import scene as sc
 from gcl.data.world.render import render_scene
 from gcl.data.world.text import make_texts
@@ -71,20 +79,10 @@ def _build_star(args: tuple[_Job, int]) -> tuple[str, bytes, dict[str, str]]:
 
 def check_args(samples: int, seed: int, image_size: int, per_shard: int, splits: Sequence[float],
                workers: int = 1) -> tuple[float, float, float]:
-    if int(samples) != samples or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples!r}")
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16 px, got {image_size}")
-    if per_shard < 1:
-        raise ValueError(f"per_shard must be >= 1, got {per_shard}")
-    sp = tuple(float(x) for x in splits)
-    if len(sp) != 3 or any(x < 0 for x in sp) or abs(sum(sp) - 1.0) > 1e-6:
-        raise ValueError(f"splits must be three non-negative fractions (train, val, test) summing to 1, got {splits!r}")
+    fractions = check_common_args("samples", samples, seed, image_size, per_shard, splits)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    return sp  # type: ignore[return-value]
+    return fractions
 
 
 def generate_world(out_dir: str | os.PathLike, samples: int, seed: int = 0, image_size: int = 64,
@@ -123,10 +121,8 @@ def generate_world(out_dir: str | os.PathLike, samples: int, seed: int = 0, imag
 
 def _meta(root: Path, seed: int, samples: int, image_size: int, per_shard: int, fractions: Sequence[float],
           held: list[tuple[str, str]], sizes: dict[str, dict[str, int]], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    split_info = {s: {"pattern": split_pattern(root, s, len(sizes[s])),
-                      "relpattern": split_pattern(Path("."), s, len(sizes[s])),
-                      "count": int(sum(sizes[s].values())), "shards": len(sizes[s])} for s in SPLITS}
-    counts = {"samples": samples, "splits": {s: split_info[s]["count"] for s in SPLITS}}
+    splits = split_info(root, SPLITS, sizes)
+    counts = {"samples": samples, "splits": {s: splits[s]["count"] for s in SPLITS}}
     for f in ("label", "color", "scene", "count", "background", "pattern", "caption_form"):
         counts[f] = dict(sorted(Counter(r[f] for r in rows).items()))
     return {
@@ -138,7 +134,7 @@ def _meta(root: Path, seed: int, samples: int, image_size: int, per_shard: int, 
         "vocab": vocab_json(),
         "heldout_key": ["color", "label"],
         "heldout_combos": [{"color": c, "label": lab} for c, lab in held],
-        "splits": split_info, "counts": counts, "table": TABLE,
+        "splits": splits, "counts": counts, "table": TABLE,
     }
 
 
@@ -161,11 +157,7 @@ def load_world(world_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: generate the world with generate_world() or "
                                 f"`python -m gcl.data.world {root} --samples N`")
-    meta = json.loads(path.read_text())
-    for info in meta["splits"].values():
-        rel = info.get("relpattern")
-        info["pattern"] = str(root / rel) if rel else None
-    return meta
+    return resolve_patterns(json.loads(path.read_text()), root)
 
 
 def world_name(samples: int, seed: int, image_size: int, per_shard: int = 1000,
