@@ -105,3 +105,96 @@ def run_ranks(script: str, args: list[str], world: int = 2, timeout: int = 400) 
                 q.kill()
             pytest.fail("distributed workers timed out (a rank waiting in a collective the other never joined)")
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-4000:] for log in logs)
+
+
+# ------------------------------------------------------------- generated datasets (the world and the catalog)
+# Both generators take the same arguments apart from their size's name (``samples`` / ``products``) and write
+# the same layout (split folders of shards, a Parquet table, a metadata JSON holding absolute paths), so the
+# checks of that shared contract are written once here and called by tests/data/test_world.py and
+# tests/data/test_synthetic.py. They read the output with plain tarfile / hashlib / pyarrow, never gcl's code.
+
+
+def read_split(root: Path, split: str) -> dict[str, dict[str, bytes]]:
+    """key -> {ext: bytes} for every member of every shard of a split (plain tarfile)."""
+    import tarfile
+    from collections import defaultdict
+
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    for tar_path in sorted((root / split).glob("shard-*.tar")):
+        with tarfile.open(tar_path) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples[key][ext] = tf.extractfile(m).read()
+    return dict(samples)
+
+
+def shard_digests(root: Path, meta_name: str) -> dict[str, str]:
+    """sha256 of every shard / sizes.json file under root (relative path -> digest); the metadata file
+    ``meta_name`` is left out (it holds the dataset's absolute location)."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".tar", ".json")
+            and p.name != meta_name}
+
+
+def check_same_seed_same_bytes(generate, size_name: str, tmp_path: Path, meta_name: str, table_name: str) -> None:
+    """Same seed -> the same shard bytes and table; another seed -> other bytes; the splits hold every sample."""
+    import pyarrow.parquet as pq
+
+    a = generate(tmp_path / "a", **{size_name: 40}, seed=7, per_shard=16)
+    generate(tmp_path / "b", **{size_name: 40}, seed=7, per_shard=16)
+    generate(tmp_path / "c", **{size_name: 40}, seed=8, per_shard=16)
+    da, db, dc = (shard_digests(tmp_path / x, meta_name) for x in "abc")
+    assert da and da == db
+    assert da != dc
+    ta, tb = (pq.read_table(tmp_path / x / table_name) for x in "ab")
+    assert ta.equals(tb)
+    assert sum(a["splits"][s]["count"] for s in ("train", "val", "test", "test_heldout")) == 40
+
+
+def check_bytes_independent_of_worker_count(generate, size_name: str, tmp_path: Path, meta_name: str,
+                                            table_name: str) -> None:
+    """One worker and two spawned workers write the same shards and the same table."""
+    import pyarrow.parquet as pq
+
+    generate(tmp_path / "w1", **{size_name: 48}, seed=5, per_shard=10, workers=1)
+    generate(tmp_path / "w2", **{size_name: 48}, seed=5, per_shard=10, workers=2)
+    assert shard_digests(tmp_path / "w1", meta_name) == shard_digests(tmp_path / "w2", meta_name)
+    assert pq.read_table(tmp_path / "w1" / table_name).equals(pq.read_table(tmp_path / "w2" / table_name))
+
+
+def check_bad_arguments_name_the_problem(generate, size_name: str, tmp_path: Path) -> None:
+    """Bad splits, a zero size and a non-empty output folder each fail with an error that names them."""
+    import pytest
+
+    with pytest.raises(ValueError, match="splits"):
+        generate(tmp_path / "x", **{size_name: 5}, splits=(0.5, 0.1, 0.1))
+    with pytest.raises(ValueError, match=size_name):
+        generate(tmp_path / "x", **{size_name: 0})
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        generate(tmp_path / "full", **{size_name: 5})
+
+
+def call_concurrently(fn, n: int = 3) -> list:
+    """Call ``fn()`` from ``n`` threads started together; their results once all returned (no thread raised)."""
+    import threading
+
+    results: list = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            results.append(fn())
+        except BaseException as e:  # noqa: BLE001 - reported below in the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results

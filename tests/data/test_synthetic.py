@@ -5,19 +5,24 @@ bounding-box-normalised silhouettes + nearest centroid), independent of the rend
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import subprocess
 import sys
 import tarfile
-import threading
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import (
+    call_concurrently,
+    check_bad_arguments_name_the_problem,
+    check_bytes_independent_of_worker_count,
+    check_same_seed_same_bytes,
+    read_split,
+)
 from PIL import Image
 
 from gcl.data import synthetic as syn
@@ -34,26 +39,8 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return out, cat
 
 
-def read_split(root: Path, split: str) -> dict[str, dict[str, bytes]]:
-    """key -> {ext: bytes} for every member of every shard of a split (plain tarfile)."""
-    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
-    for tar_path in sorted((root / split).glob("shard-*.tar")):
-        with tarfile.open(tar_path) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples[key][ext] = tf.extractfile(m).read()
-    return dict(samples)
-
-
 def read_all(root: Path) -> dict[str, tuple[str, dict[str, bytes]]]:
     return {k: (s, v) for s in syn.SPLITS for k, v in read_split(root, s).items()}
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every shard / sizes.json file under root (relative path -> digest)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".tar", ".json")
-            and p.name != "catalog.json"}
 
 
 # ------------------------------------------------------------------------------------ pixel "classifiers"
@@ -97,24 +84,13 @@ def as_array(img: Image.Image) -> np.ndarray:
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
-    a = syn.generate_catalog(tmp_path / "a", products=40, seed=7, per_shard=16)
-    syn.generate_catalog(tmp_path / "b", products=40, seed=7, per_shard=16)
-    syn.generate_catalog(tmp_path / "c", products=40, seed=8, per_shard=16)
-    da, db, dc = (tree_digest(tmp_path / x) for x in "abc")
-    assert da and da == db
-    assert da != dc
-    ta, tb = (pq.read_table(tmp_path / x / "products.parquet") for x in "ab")
-    assert ta.equals(tb)
-    assert a["splits"]["train"]["count"] + a["splits"]["val"]["count"] + a["splits"]["test"]["count"] \
-        + a["splits"]["test_heldout"]["count"] == 40
+    check_same_seed_same_bytes(syn.generate_catalog, "products", tmp_path, "catalog.json", "products.parquet")
 
 
 @pytest.mark.dist
 def test_bytes_independent_of_worker_count(tmp_path: Path) -> None:
-    syn.generate_catalog(tmp_path / "w1", products=48, seed=5, per_shard=10, workers=1)
-    syn.generate_catalog(tmp_path / "w2", products=48, seed=5, per_shard=10, workers=2)
-    assert tree_digest(tmp_path / "w1") == tree_digest(tmp_path / "w2")
-    assert pq.read_table(tmp_path / "w1" / "products.parquet").equals(pq.read_table(tmp_path / "w2" / "products.parquet"))
+    check_bytes_independent_of_worker_count(syn.generate_catalog, "products", tmp_path, "catalog.json",
+                                            "products.parquet")
 
 
 # ------------------------------------------------------------------------------------ shards and table
@@ -381,32 +357,12 @@ def test_without_queries(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_name_the_problem(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="splits"):
-        syn.generate_catalog(tmp_path / "x", products=5, splits=(0.5, 0.1, 0.1))
-    with pytest.raises(ValueError, match="products"):
-        syn.generate_catalog(tmp_path / "x", products=0)
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "f").write_text("x")
-    with pytest.raises(FileExistsError, match="not empty"):
-        syn.generate_catalog(tmp_path / "full", products=5)
+    check_bad_arguments_name_the_problem(syn.generate_catalog, "products", tmp_path)
 
 
 def test_ensure_catalog_concurrent_callers_share_one_copy(tmp_path: Path) -> None:
-    results: list[Path] = []
-    errors: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            results.append(syn.ensure_catalog(tmp_path, products=20, seed=4, image_size=32))
-        except BaseException as e:  # noqa: BLE001 - re-raised below in the main thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(set(results)) == 1
+    results = call_concurrently(lambda: syn.ensure_catalog(tmp_path, products=20, seed=4, image_size=32))
+    assert len(set(results)) == 1
     root = results[0]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [root.name]  # no temp dirs left
     stamp = (root / "catalog.json").stat().st_mtime_ns

@@ -8,19 +8,24 @@ left/right/above/below.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import subprocess
 import sys
-import tarfile
-import threading
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import (
+    call_concurrently,
+    check_bad_arguments_name_the_problem,
+    check_bytes_independent_of_worker_count,
+    check_same_seed_same_bytes,
+    read_split,
+    shard_digests,
+)
 from PIL import Image
 from scipy import ndimage
 
@@ -36,17 +41,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return out, W.generate_world(out, samples=N, seed=3, per_shard=64)
 
 
-def read_split(root: Path, split: str) -> dict[str, dict[str, bytes]]:
-    """key -> {ext: bytes} for every member of every shard of a split (plain tarfile)."""
-    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
-    for tar_path in sorted((root / split).glob("shard-*.tar")):
-        with tarfile.open(tar_path) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples[key][ext] = tf.extractfile(m).read()
-    return dict(samples)
-
-
 def read_all(root: Path) -> dict[str, tuple[str, dict, np.ndarray]]:
     """key -> (split, fields, RGB float array) over every split."""
     out = {}
@@ -57,9 +51,7 @@ def read_all(root: Path) -> dict[str, tuple[str, dict, np.ndarray]]:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".tar", ".json")
-            and p.name != "world.json"}
+    return shard_digests(root, "world.json")
 
 
 # ------------------------------------------------------------------------------------ pixel "classifiers"
@@ -128,14 +120,7 @@ def render(scene: dict, i: int) -> np.ndarray:
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
-    a = W.generate_world(tmp_path / "a", samples=40, seed=7, per_shard=16)
-    W.generate_world(tmp_path / "b", samples=40, seed=7, per_shard=16)
-    W.generate_world(tmp_path / "c", samples=40, seed=8, per_shard=16)
-    da, db, dc = (tree_digest(tmp_path / x) for x in "abc")
-    assert da and da == db
-    assert da != dc
-    assert pq.read_table(tmp_path / "a" / "world.parquet").equals(pq.read_table(tmp_path / "b" / "world.parquet"))
-    assert sum(a["splits"][s]["count"] for s in W.SPLITS) == 40
+    check_same_seed_same_bytes(W.generate_world, "samples", tmp_path, "world.json", "world.parquet")
 
 
 def test_a_sample_does_not_depend_on_the_world_size(tmp_path: Path, world: tuple[Path, dict]) -> None:
@@ -151,9 +136,7 @@ def test_a_sample_does_not_depend_on_the_world_size(tmp_path: Path, world: tuple
 
 @pytest.mark.dist
 def test_bytes_independent_of_worker_count(tmp_path: Path) -> None:
-    W.generate_world(tmp_path / "w1", samples=48, seed=5, per_shard=10, workers=1)
-    W.generate_world(tmp_path / "w2", samples=48, seed=5, per_shard=10, workers=2)
-    assert tree_digest(tmp_path / "w1") == tree_digest(tmp_path / "w2")
+    check_bytes_independent_of_worker_count(W.generate_world, "samples", tmp_path, "world.json", "world.parquet")
 
 
 # ------------------------------------------------------------------------------------ shards, table, splits
@@ -342,32 +325,12 @@ def test_texts_follow_the_scene(world: tuple[Path, dict]) -> None:
 
 
 def test_bad_arguments_name_the_problem(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="splits"):
-        W.generate_world(tmp_path / "x", samples=5, splits=(0.5, 0.1, 0.1))
-    with pytest.raises(ValueError, match="samples"):
-        W.generate_world(tmp_path / "x", samples=0)
-    (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "f").write_text("x")
-    with pytest.raises(FileExistsError, match="not empty"):
-        W.generate_world(tmp_path / "full", samples=5)
+    check_bad_arguments_name_the_problem(W.generate_world, "samples", tmp_path)
 
 
 def test_ensure_world_concurrent_callers_share_one_copy(tmp_path: Path) -> None:
-    results: list[Path] = []
-    errors: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            results.append(W.ensure_world(tmp_path, samples=20, seed=4, image_size=32))
-        except BaseException as e:  # noqa: BLE001 - re-raised below in the main thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(set(results)) == 1
+    results = call_concurrently(lambda: W.ensure_world(tmp_path, samples=20, seed=4, image_size=32))
+    assert len(set(results)) == 1
     root = results[0]
     assert root.name == W.world_name(20, 4, 32) and (root / "world.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == [root.name]
