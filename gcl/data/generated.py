@@ -1,7 +1,8 @@
 """What the two generated datasets (the world, ``gcl.data.world``; the fashion catalog, ``gcl.data.catalog``)
-share: a fresh output folder, samples built in index order (in spawned worker processes when asked), one
-shard folder per split written with a fixed tar mtime, brace patterns of those folders, the progress bar,
-and the pixel grid both renderers start from.
+share: the checks of their common arguments, a fresh output folder, samples built in index order (in
+spawned worker processes when asked), one shard folder per split written with a fixed tar mtime, the
+``splits`` metadata (brace patterns, counts) and its re-resolution after a move, the progress bar, and the
+pixel grid both renderers start from.
 
 The bytes of a generated dataset depend on its arguments only (never on the worker count or the wall clock);
 everything here keeps that. Not here: what a sample is and how it is drawn (each generator's own modules),
