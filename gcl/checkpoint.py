@@ -352,6 +352,12 @@ def _read_sharded(file: Path, state: dict[str, Any], verify: bool) -> dict[str, 
     except Exception as e:  # noqa: BLE001 - DCP raises many kinds for a damaged folder
         raise CheckpointError(f"checkpoint {file}: its sharded tensors in {d} cannot be read "
                               f"({type(e).__name__}: {str(e)[:200]})") from e
+    return _unflatten(flat, state, file, with_ema=True)
+
+
+def _unflatten(flat: dict[str, torch.Tensor], state: dict[str, Any], file: Path, with_ema: bool) -> dict[str, Any]:
+    """The inverse of :func:`_split_tensors`: ``state`` (a sharded checkpoint's ``.pt``) in the full-file layout
+    with the tensors of ``flat`` put back. ``with_ema=False``: the stored EMA is left out (``ema`` None)."""
     model: dict[str, Any] = {}
     ema: dict[str, Any] = {}
     opt_state = {idx: dict(entry) for idx, entry in state["optimizer"]["state"].items()}
@@ -369,9 +375,9 @@ def _read_sharded(file: Path, state: dict[str, Any], verify: bool) -> dict[str, 
         e = dict(state["ema"])
         names = e.pop("shadow_names")
         missing = [n for n in names if n not in ema]
-        if missing:
-            raise CheckpointError(f"checkpoint {file}: its sharded tensors in {d} lack EMA entries {missing[:3]}")
-        out["ema"] = {**e, "shadow": {n: ema[n] for n in names}}
+        if with_ema and missing:
+            raise CheckpointError(f"checkpoint {file}: its sharded tensors lack EMA entries {missing[:3]}")
+        out["ema"] = {**e, "shadow": {n: ema[n] for n in names}} if with_ema else None
     return out
 
 
@@ -406,7 +412,6 @@ def read_sharded_into(file: Path, state: dict[str, Any], model: dict[str, torch.
             raise CheckpointError(f"checkpoint {file}: its EMA does not fit this model (missing "
                                   f"{sorted(set(ema) - set(names))[:3]}, unexpected {sorted(set(names) - set(ema))[:3]})")
     flat: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model.items()}
-    opt_state = {idx: dict(entry) for idx, entry in state["optimizer"]["state"].items()}
     for key, m in meta.items():
         kind, _, rest = key.partition("/")
         if kind == "ema" and ema is not None:
@@ -418,20 +423,14 @@ def read_sharded_into(file: Path, state: dict[str, Any], model: dict[str, torch.
                                       f"optimizer has {len(params)} parameters")
             p = params[int(idx)]
             like = tuple(m.size) == tuple(p.shape) and len(m.size) > 0
-            t = torch.zeros_like(p, dtype=m.properties.dtype) if like else torch.zeros(
+            flat[key] = torch.zeros_like(p, dtype=m.properties.dtype) if like else torch.zeros(
                 tuple(m.size), dtype=m.properties.dtype)
-            opt_state.setdefault(int(idx), {})[name] = flat[key] = t
     try:
         dcp.load(flat, storage_reader=reader)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {file}: its sharded tensors in {d} cannot be read "
                               f"({type(e).__name__}: {str(e)[:200]})") from e
-    out = {**state, "model": model, "optimizer": {**state["optimizer"], "state": opt_state}}
-    if state.get("ema") and ema is not None:
-        e = dict(state["ema"])
-        names = e.pop("shadow_names")
-        out["ema"] = {**e, "shadow": {n: ema[n] for n in names}}
-    return out
+    return _unflatten(flat, state, file, with_ema=ema is not None)
 
 
 # ------------------------------------------------------------------------------------------ finding
