@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = summarize(per_seed)
     goals = goal(table)
     md = markdown(table, goals, per_seed, a, seconds)
+    cmd = " ".join(["python benchmarks/study_robust.py", *(sys.argv[1:] if argv is None else argv)])
+    md += f"\n\nCommand ({time.strftime('%Y-%m-%d')}): `{cmd}`"
     shutil.copyfile(out / "wise" / f"seed{a.seeds[0]}" / "wise.png", out / "wise_curve.png")
     raw = {"settings": vars(a), "machine": machine(), "seconds": seconds, "per_seed": per_seed, "summary": table,
            "goal": goals}
@@ -320,7 +322,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.quick and not a.no_update:
         bench = ROOT / "BENCHMARKS.md"
         text = bench.read_text()
-        block = f"{MARK_START}\n{md}\n\n![WiSE-FT curve](benchmarks/results/study_robust/wise_curve.png)\n{MARK_END}"
+        curve = out.resolve() / "wise_curve.png"
+        link = curve.relative_to(ROOT) if curve.is_relative_to(ROOT) else curve  # BENCHMARKS.md is at ROOT
+        block = f"{MARK_START}\n{md}\n\n![WiSE-FT curve]({link})\n{MARK_END}"
         if MARK_START in text and MARK_END in text:
             head, rest = text.split(MARK_START, 1)
             text = head + block + rest.split(MARK_END, 1)[1]
