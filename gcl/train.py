@@ -420,18 +420,19 @@ class Trainer:
             return
         path, state, changes = planned
         step = state["step"]
-        opt_state = state["optimizer"]
         if self.sharded and state["model"] is None:  # a sharded checkpoint: each rank reads its own shards
+            # the model and EMA tensors are filled in place; the optimizer's moments arrive as shards
             state = read_sharded_into(
                 path, state, model=self.model.state_dict(),
                 params=[p for g in self.optimizer.param_groups for p in g["params"]],
                 ema=dict(zip(self.ema.names, self.ema.shadow)) if self.ema is not None else None)
-            opt_state = state["optimizer"]  # the model (and EMA) already hold what was read
+            opt_state = state["optimizer"]
         elif self.sharded:  # full tensors (a full file, either strategy wrote it): each rank keeps its shard
             load_full_model_state(self.model, state["model"])
-            opt_state = shard_optimizer_state(self.optimizer, opt_state)
+            opt_state = shard_optimizer_state(self.optimizer, state["optimizer"])
         else:
             self.accelerator.unwrap_model(self.forward_module).model.load_state_dict(state["model"])
+            opt_state = state["optimizer"]
         moved: dict[tuple[float, float], list[str]] = {}
         for name, old, new in resume.load_optimizer_keeping_settings(self.optimizer, self.scheduler,
                                                                      opt_state, state["scheduler"]):

@@ -198,3 +198,28 @@ def call_concurrently(fn, n: int = 3) -> list:
         t.join()
     assert not errors, errors
     return results
+
+
+def strategy_trainer(strategy: str, overrides: list[str], run_dir: Path):
+    """A real Trainer composed from the repo's configs with ``trainer.strategy=strategy``, in a process of a
+    gloo group. accelerate keeps one mixed-precision setting per process (a shared state), so it is reset here:
+    a trainer built earlier must not be used after one with another setting."""
+    from accelerate.state import AcceleratorState
+
+    from gcl.train import Trainer
+
+    AcceleratorState._reset_state()  # keeps the process group (PartialState)
+    return Trainer(compose("train", [*FAST, *overrides, f"trainer.strategy={strategy}"]), run_dir)
+
+
+def gathered(state: dict) -> dict:
+    """A state dict with every FSDP2 shard gathered into a full tensor (plain tensors copied); collective."""
+    from gcl.fsdp import full_state
+
+    return full_state({n: v.detach().clone() for n, v in state.items()}, keep=True)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[n] - b[n]).abs().max().item() for n in a)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from gcl.checkpoint import find_checkpoint, load_checkpoint
 from gcl.config import validate
 from gcl.finetune import soup, wise
+from gcl.finetune.runs import FinetuneError
 from gcl.model import build_model
 
 RETENTION = "synthetic/zeroshot_subcategory/accuracy"  # a stand-in retention metric on the tiny catalog
@@ -225,5 +226,5 @@ def test_batchnorm_counters_merge_and_other_integers_must_agree():
     torch.testing.assert_close(mixed["visual.bn1.running_mean"], want.float())
     assert soup.average([base, ft])["visual.bn1.num_batches_tracked"].item() == 5
     other = {**ft, "positional_ids": torch.tensor([1, 2])}
-    with pytest.raises(wise.FinetuneError, match="positional_ids"):
+    with pytest.raises(FinetuneError, match="positional_ids"):
         wise.interpolate({**base, "positional_ids": torch.tensor([1, 3])}, other, 0.5)

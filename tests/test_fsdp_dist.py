@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, compose, run_ranks
+from helpers import gathered, max_diff, run_ranks, strategy_trainer
 
 WORLD, B, K = 2, 6, 2
 CASES = {
@@ -32,27 +32,12 @@ EVAL = ["eval=synthetic", "eval.gallery.enabled=false", "trainer.eval_every=1"]
 
 
 def _trainer(strategy: str, case: str, run_dir: Path, cache: str, *extra: str):
-    """A Trainer for ``case``. accelerate keeps one mixed-precision setting per process (a shared state), so
-    it is reset here: a trainer built earlier must not be used after one with another setting."""
-    from accelerate.state import AcceleratorState
-
-    from gcl.train import Trainer
-
-    AcceleratorState._reset_state()  # keeps the process group (PartialState)
-    cfg = compose("train", [*FAST, f"data.synthetic.cache_dir={cache}", *CASES[case], f"data.batch_size={B}",
-                            f"trainer.accum_steps={K}", f"trainer.strategy={strategy}", *(extra or ["eval=none"])])
-    return Trainer(cfg, run_dir)
+    return strategy_trainer(strategy, [f"data.synthetic.cache_dir={cache}", *CASES[case], f"data.batch_size={B}",
+                                       f"trainer.accum_steps={K}", *(extra or ["eval=none"])], run_dir)
 
 
 def _full_weights(t) -> dict[str, torch.Tensor]:
-    from gcl.fsdp import full_state
-
-    return full_state({n: p.detach().clone() for n, p in t.model.state_dict().items()}, keep=True)
-
-
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[n] - b[n]).abs().max().item() for n in a)
+    return gathered(t.model.state_dict())
 
 
 def worker(rank: int, out_dir: Path, cache: str) -> None:
@@ -68,7 +53,7 @@ def worker(rank: int, out_dir: Path, cache: str) -> None:
         assert any(".resblocks." in n for n in sharded) and "logit_scale" not in sharded, sharded[:5]
         # the same start: ranks seed their initialisation differently; both strategies start from rank 0's
         start = _full_weights(ddp)
-        assert _max_diff(_full_weights(fsdp), start) == 0.0
+        assert max_diff(_full_weights(fsdp), start) == 0.0
         batch = next(iter(ddp.stream))  # this rank's batch
         for name, t in (("ddp", ddp), ("fsdp", fsdp)):
             out = t.train_step(batch)
@@ -78,7 +63,7 @@ def worker(rank: int, out_dir: Path, cache: str) -> None:
     # evaluation: ddp's and fsdp's metrics of the same weights; the synthetic suite runs on rank 0 alone
     ddp = _trainer("ddp", "clip", out_dir / "ddp-eval", cache, *EVAL)
     fsdp = _trainer("fsdp", "clip", out_dir / "fsdp-eval", cache, *EVAL)
-    assert _max_diff(_full_weights(fsdp), _full_weights(ddp)) == 0.0
+    assert max_diff(_full_weights(fsdp), _full_weights(ddp)) == 0.0
     results["eval/ddp"], results["eval/fsdp"] = ddp.evaluate(), fsdp.evaluate()
     batch = next(iter(fsdp.stream))  # a training step after the evaluation still works (resharded)
     results["eval/step_after"] = fsdp.train_step(batch)["loss"].item()
@@ -109,7 +94,7 @@ def test_fsdp_step_and_eval_equal_ddp(tmp_path, catalog_cache):
             assert any(n.startswith("visual.") for n in ddp[0]["frozen"]), "the image tower should be locked"
         want = ddp[0]["weights"]
         for r in range(WORLD):  # ddp ranks hold identical weights; fsdp's gathered ones must equal them
-            diff = _max_diff(fsdp[r]["weights"], want)
+            diff = max_diff(fsdp[r]["weights"], want)
             assert diff <= 1e-5, f"{case} rank {r}: updated weights differ from ddp's by {diff:.2e}"
     e_ddp, e_fsdp = ranks[0]["eval/ddp"], ranks[0]["eval/fsdp"]
     assert e_ddp and e_ddp.keys() == e_fsdp.keys()

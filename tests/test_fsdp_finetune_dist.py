@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, compose, run_ranks
+from helpers import gathered, max_diff, run_ranks, strategy_trainer
 
 WORLD, B, K, STEPS = 2, 6, 2, 2
 BASE = ["model=tiny", "loss=seven_field", "eval=none"]
@@ -36,29 +36,17 @@ CASES = {
 
 
 def _trainer(strategy: str, case: str, run_dir: Path, cache: str, *extra: str):
-    from accelerate.state import AcceleratorState
-
-    from gcl.train import Trainer
-
-    AcceleratorState._reset_state()  # keeps the process group (PartialState)
     over = [o for o in CASES[case] if strategy == "fsdp" or not o.startswith("trainer.fsdp")]
-    cfg = compose("train", [*FAST, f"data.synthetic.cache_dir={cache}", *BASE, *over, f"data.batch_size={B}",
-                            f"trainer.accum_steps={K}", f"trainer.strategy={strategy}", *extra])
-    return Trainer(cfg, run_dir)
-
-
-def _full(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from gcl.fsdp import full_state
-
-    return full_state({n: v.detach().clone() for n, v in state.items()}, keep=True)
+    return strategy_trainer(strategy, [f"data.synthetic.cache_dir={cache}", *BASE, *over, f"data.batch_size={B}",
+                                       f"trainer.accum_steps={K}", *extra], run_dir)
 
 
 def _weights(t) -> dict[str, torch.Tensor]:
-    return _full(t.model.state_dict())
+    return gathered(t.model.state_dict())
 
 
 def _ema(t) -> dict[str, torch.Tensor]:
-    return _full(dict(zip(t.ema.names, t.ema.shadow)))
+    return gathered(dict(zip(t.ema.names, t.ema.shadow)))
 
 
 def _steps(t, batches: list[dict]) -> list[dict]:
@@ -110,11 +98,6 @@ def worker(rank: int, out_dir: Path, cache: str) -> None:
     torch.distributed.barrier()
 
 
-def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[n] - b[n]).abs().max().item() for n in a)
-
-
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -131,10 +114,10 @@ def test_fsdp_robust_finetune_settings_equal_ddp(tmp_path, catalog_cache):
             assert abs(gddp - gfsdp) <= 1e-5 * max(1.0, gddp), (case, s, gddp, gfsdp)
             assert fsdp[0]["frozen"] == ddp[0]["frozen"], (case, s)
             for r in range(WORLD):
-                diff = _max_diff(fsdp[r]["weights"], ddp[0]["weights"])
+                diff = max_diff(fsdp[r]["weights"], ddp[0]["weights"])
                 assert diff <= 1e-5, f"{case} step {s} rank {r}: weights differ from ddp's by {diff:.2e}"
                 if ddp[0]["ema"] is not None:
-                    diff = _max_diff(fsdp[r]["ema"], ddp[0]["ema"])
+                    diff = max_diff(fsdp[r]["ema"], ddp[0]["ema"])
                     assert diff <= 1e-5, f"{case} step {s} rank {r}: EMA differs from ddp's by {diff:.2e}"
     first, last = ranks[0]["lora"]["ddp"][0], ranks[0]["lora"]["ddp"][-1]
     assert any(n.endswith("lora_A") for n in first["weights"]), "LoRA adapters should be in the state dict"
@@ -148,14 +131,14 @@ def test_fsdp_robust_finetune_settings_equal_ddp(tmp_path, catalog_cache):
     moved = max((unlock[1]["weights"][n] - unlock[0]["weights"][n]).abs().max().item() for n in locked)
     assert moved > 0, "the unlocked image tower should train at step 1"
     ema = ranks[0]["ema"]["fsdp"][-1]
-    assert _max_diff(ema["ema"], ema["weights"]) > 1e-4, "with decay 0.5 the average lags the weights"
+    assert max_diff(ema["ema"], ema["weights"]) > 1e-4, "with decay 0.5 the average lags the weights"
     for res in ranks:  # the sharded checkpoint (EMA included) resumes exactly
         back, want = res["ema/resumed"], res["ema"]["fsdp"][-1]
         assert back["step"] == STEPS
-        assert _max_diff(back["weights"], want["weights"]) == 0.0 and _max_diff(back["ema"], want["ema"]) == 0.0
+        assert max_diff(back["weights"], want["weights"]) == 0.0 and max_diff(back["ema"], want["ema"]) == 0.0
         nxt, live = back["next"], res["ema/live-next"]
-        assert nxt["loss"] == live["loss"] and _max_diff(nxt["weights"], live["weights"]) == 0.0
-        assert _max_diff(nxt["ema"], live["ema"]) == 0.0 and _max_diff(nxt["weights"], want["weights"]) > 0
+        assert nxt["loss"] == live["loss"] and max_diff(nxt["weights"], live["weights"]) == 0.0
+        assert max_diff(nxt["ema"], live["ema"]) == 0.0 and max_diff(nxt["weights"], want["weights"]) > 0
     e_ddp, e_fsdp = ranks[0]["ema/eval/ddp"], ranks[0]["ema/eval/fsdp"]
     assert any(k.startswith("ema/") for k in e_ddp) and e_ddp.keys() == e_fsdp.keys()
     diff = max(abs(e_ddp[k] - e_fsdp[k]) for k in e_ddp)

@@ -37,6 +37,15 @@ class Run:
     config: DictConfig  # the run's resolved training config
 
 
+def cli_errors() -> tuple[type[Exception], ...]:
+    """The errors ``python -m gcl.wise`` / ``gcl.soup`` report as one logged line and exit status 1: a user's
+    input (a run dir, a sweep, weights that are not there), not a bug."""
+    from gcl.export import ExportError
+    from gcl.model import WeightsUnavailableError
+
+    return FinetuneError, ExportError, FileNotFoundError, WeightsUnavailableError, ValueError
+
+
 def load_run(run_dir: str | os.PathLike, which: str = "latest", weights: str = "model") -> Run:
     """A run dir's latest (or best) checkpoint as plain open_clip weights, with its config."""
     from gcl.export import ExportError, load_training_checkpoint

@@ -43,6 +43,7 @@ from gcl.finetune.runs import (
     Run,
     base_state_dict,
     check_same_base,
+    cli_errors,
     has_base,
     load_run,
     merge_other,
@@ -188,9 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gcl.export import ExportError
-    from gcl.model import WeightsUnavailableError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -205,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(args.paths[0]) / "soup"
         report, soups = run_soup(runs, select, out, device=args.device)
         paths = {} if args.no_export else export_soups(runs, report, soups, out)
-    except (FinetuneError, ExportError, FileNotFoundError, WeightsUnavailableError, ValueError) as e:
+    except cli_errors() as e:
         log.error("%s", e)
         return 1
     m = report["metric"]

@@ -39,7 +39,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from gcl.finetune.runs import FinetuneError, Run, base_state_dict, load_run, merge_other
+from gcl.finetune.runs import Run, base_state_dict, cli_errors, load_run, merge_other
 from gcl.finetune.select import (
     Rule,
     Scorer,
@@ -234,9 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gcl.export import ExportError
-    from gcl.model import WeightsUnavailableError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -250,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else run.run_dir / "wise"
         report, chosen = run_wise(run, req, select, out)
         path = None if args.no_export else export_choice(run, report, chosen, out / "export")
-    except (FinetuneError, ExportError, FileNotFoundError, WeightsUnavailableError, ValueError) as e:
+    except cli_errors() as e:
         log.error("%s", e)
         return 1
     ch = report["chosen"]
